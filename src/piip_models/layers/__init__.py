@@ -1,0 +1,14 @@
+"""Reusable PIIP layers."""
+
+from .interaction import BidirectionalInteractionUnit, BranchGeometry, ConvFFN, InteractionBlock, Injector
+from .msdeform_attn import MSDeformAttn, reference_points
+
+__all__ = [
+    "BidirectionalInteractionUnit",
+    "BranchGeometry",
+    "ConvFFN",
+    "InteractionBlock",
+    "Injector",
+    "MSDeformAttn",
+    "reference_points",
+]

@@ -1,0 +1,682 @@
+"""Parameter-Inverted Image Pyramid Networks (PIIP).
+
+An image pyramid runs through pretrained ViT branches of *inverted* size: the largest model sees the smallest
+image. After every block segment, adjacent branches exchange information with cross-resolution deformable
+attention, and the branches are merged per task.
+
+Papers:
+    Parameter-Inverted Image Pyramid Networks - https://arxiv.org/abs/2406.04330
+    Parameter-Inverted Image Pyramid Networks for Visual Perception and Multimodal Understanding
+        - https://arxiv.org/abs/2501.07783
+
+Official code: https://github.com/OpenGVLab/PIIP (the branch interactions, merges and checkpoint layouts here are
+re-implemented from its behaviour; see ``piip_models.weights`` for the key conversion).
+
+@article{zhu2024parameter,
+  title={Parameter-Inverted Image Pyramid Networks},
+  author={Zhu, Xizhou and Yang, Xue and Wang, Zhaokai and Li, Hao and Dou, Wenhan and Ge, Junqi and Lu, Lewei and
+          Qiao, Yu and Dai, Jifeng},
+  journal={arXiv preprint arXiv:2406.04330},
+  year={2024}
+}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, resample_abs_pos_embed
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    load_pretrained,
+    register_model,
+    resolve_pretrained_cfg,
+)
+from timm.models.vision_transformer import VisionTransformer
+
+from .layers.interaction import BranchGeometry, InteractionBlock, init_interaction_weights
+from .layers.msdeform_attn import reference_points
+from .weights import branch_checkpoint_filter_fn, checkpoint_filter_fn
+
+__all__ = ["PIIP", "BranchCfg", "InteractionCfg", "even_segments"]
+
+
+@dataclass(frozen=True)
+class InteractionCfg:
+    """Hyper-parameters of the cross-branch interactions (identical in every official config)."""
+
+    num_heads: int = 16
+    n_points: int = 4
+    deform_ratio: float = 0.5
+    with_cffn: bool = True
+    cffn_ratio: float = 0.25
+    drop_path_rate: float = 0.4
+    with_proj: bool = True
+    with_norm: bool = True
+
+
+@dataclass(frozen=True)
+class BranchCfg:
+    """One pyramid branch: a timm ViT, its image size and its block segments.
+
+    Attributes:
+        model_name: timm architecture, optionally with a pretrained tag (``deit_tiny_patch16_224.fb_in1k``); the tag
+            names the weights that ``pretrained=True`` loads when no full PIIP checkpoint is configured.
+        img_size: Branch resolution at the model's default input size.
+        segments: Inclusive ``(first, last)`` block ranges, one per interaction.
+        drop_path_rate: Stochastic depth of the branch blocks.
+        drop_path_mode: ``'constant'`` (every block, as the official classification models) or ``'linear'`` (0 to
+            the rate over depth).
+        model_args: Extra keyword arguments for ``timm.create_model`` (e.g. ``init_values=1.0`` for DeiT v1 with
+            LayerScale, ``no_embed_class=True`` for a position embedding without a class slot).
+    """
+
+    model_name: str
+    img_size: int
+    segments: tuple[tuple[int, int], ...]
+    drop_path_rate: float = 0.0
+    drop_path_mode: Literal["constant", "linear"] = "constant"
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+
+def even_segments(depth: int, num_segments: int) -> tuple[tuple[int, int], ...]:
+    """Splits ``depth`` blocks into ``num_segments`` contiguous inclusive ranges, the longer ones last."""
+    if not 0 < num_segments <= depth:
+        raise ValueError(f"cannot split {depth} blocks into {num_segments} segments")
+    bounds = [round(i * depth / num_segments) for i in range(num_segments + 1)]
+    return tuple((bounds[i], bounds[i + 1] - 1) for i in range(num_segments))
+
+
+class BranchMerge(nn.Module):
+    """GroupNorm, then (with ``project``) a Linear to the merge width and a second GroupNorm."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        project: bool,
+        num_groups: int = 32,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if not project and in_dim != out_dim:
+            raise ValueError(f"an unprojected merge keeps its width, got {in_dim} -> {out_dim}")
+        for width in (in_dim, out_dim):
+            if width % num_groups:
+                raise ValueError(f"merged head needs branch widths divisible by {num_groups}, got {width}")
+        self.norm_in = nn.GroupNorm(num_groups, in_dim, **dd)
+        self.proj = nn.Linear(in_dim, out_dim, **dd) if project else None
+        self.norm_out = nn.GroupNorm(num_groups, out_dim, **dd) if project else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm_in(x)
+        if self.proj is not None:
+            x = self.norm_out(self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return x
+
+
+class PIIP(nn.Module):
+    """Parameter-Inverted Image Pyramid classifier built from timm Vision Transformers.
+
+    Branch ``k`` (0-based) is a timm ViT that sees the input resized by ``branch_sizes[k] / branch_sizes[-1]``;
+    branch 0 is the largest model on the smallest image. ``forward_features`` returns an NCHW map on the last
+    (finest) branch grid: the weighted merge of all branches (``head_type='merged'``), or the concatenation of each
+    branch's normalised tokens resized to that grid (``head_type='separate'``, the released checkpoints).
+    """
+
+    def __init__(
+        self,
+        branches: Sequence[BranchCfg],
+        interaction: InteractionCfg = InteractionCfg(),
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: Literal["first_patch", "avg", ""] = "avg",
+        head_type: Literal["separate", "merged"] = "separate",
+        class_token: bool = True,
+        img_size: int | tuple[int, int] | None = None,
+        branch_sizes: Sequence[int] | None = None,
+        drop_rate: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """
+        Args:
+            branches: Branch configs, largest model (smallest image) first.
+            interaction: Interaction hyper-parameters.
+            num_classes: Classes of the head (0 for features only).
+            in_chans: Input channels.
+            global_pool: ``'first_patch'`` reads each branch's first patch token (the official separate-head
+                readout), ``'avg'`` averages the feature map, ``''`` keeps it.
+            head_type: ``'separate'`` (a head per branch, logits averaged) or ``'merged'`` (GroupNorm/Linear merge,
+                learnable branch weights, LayerNorm, mean, Linear).
+            class_token: Give each branch a class token (no position embedding, skips the interactions).
+            img_size: Input size; scales the branch sizes proportionally when ``branch_sizes`` is not given.
+            branch_sizes: Explicit branch resolutions, smallest (branch 0) first.
+            drop_rate: Dropout before the classifier.
+            device: Parameter device.
+            dtype: Parameter dtype.
+        """
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        branches = tuple(branches)
+        if len(branches) < 2:
+            raise ValueError(f"a pyramid needs at least 2 branches, got {len(branches)}")
+        if head_type not in ("separate", "merged"):
+            raise ValueError(f"head_type must be 'separate' or 'merged', got {head_type!r}")
+        sizes = self._resolve_sizes(branches, img_size, branch_sizes)
+        num_segments = {len(b.segments) for b in branches}
+        if len(num_segments) != 1:
+            counts = ", ".join(f"branch {k}: {len(b.segments)}" for k, b in enumerate(branches))
+            raise ValueError(f"every branch needs the same number of block segments ({counts})")
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.head_type = head_type
+        self.branch_sizes = sizes
+        self.grad_checkpointing = False
+        self.branches = nn.ModuleList(
+            self._build_branch(k, cfg, size, num_classes, in_chans, class_token, head_type == "separate", dd)
+            for k, (cfg, size) in enumerate(zip(branches, sizes))
+        )
+        for k, (cfg, branch) in enumerate(zip(branches, self.branches)):
+            self._check_segments(k, cfg.segments, len(branch.blocks))
+        self.segments = tuple(cfg.segments for cfg in branches)
+        self.embed_dims = tuple(branch.embed_dim for branch in self.branches)
+        if any(a < b for a, b in zip(self.embed_dims, self.embed_dims[1:])):
+            raise ValueError(
+                f"branch order is not inverted: widths {self.embed_dims} must not grow from branch 0 (largest model, "
+                "smallest image) to the last branch"
+            )
+        self.patch_sizes = tuple(branch.patch_embed.patch_size for branch in self.branches)
+        # Class/register tokens never get a position embedding in PIIP; some timm ViTs store slots for them anyway.
+        self._pos_skip = tuple(0 if b.no_embed_class else b.num_prefix_tokens for b in self.branches)
+
+        self.interaction_cfg = interaction
+        injector_kwargs = dict(
+            num_heads=interaction.num_heads,
+            n_points=interaction.n_points,
+            deform_ratio=interaction.deform_ratio,
+            with_cffn=interaction.with_cffn,
+            cffn_ratio=interaction.cffn_ratio,
+            drop_path=interaction.drop_path_rate,
+            with_norm=interaction.with_norm,
+        )
+        self.interactions = nn.ModuleList(
+            InteractionBlock(self.embed_dims, with_proj=interaction.with_proj, **injector_kwargs, **dd)
+            for _ in range(num_segments.pop())
+        )
+        self.interactions.apply(init_interaction_weights)
+
+        self.head_drop = nn.Dropout(drop_rate)
+        if head_type == "merged":
+            merge_dim = self.embed_dims[0]
+            self.merges = nn.ModuleList(
+                BranchMerge(dim, merge_dim, project=k > 0, **dd) for k, dim in enumerate(self.embed_dims)
+            )
+            self.branch_weights = nn.Parameter(torch.ones(len(branches), **dd))
+            self.head_norm = nn.LayerNorm(merge_dim, eps=1e-6, **dd)
+            self.head = nn.Linear(merge_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+            self.num_features = self.head_hidden_size = merge_dim
+            self.merges.apply(init_interaction_weights)
+            self.head.apply(init_interaction_weights)
+        else:
+            self.num_features = self.head_hidden_size = sum(self.embed_dims)
+        self._check_pool(global_pool)
+        self.global_pool = global_pool
+
+    @staticmethod
+    def _resolve_sizes(
+        branches: Sequence[BranchCfg],
+        img_size: int | tuple[int, int] | None,
+        branch_sizes: Sequence[int] | None,
+    ) -> tuple[int, ...]:
+        if branch_sizes is not None:
+            sizes = tuple(int(s) for s in branch_sizes)
+            if len(sizes) != len(branches):
+                raise ValueError(f"branch_sizes has {len(sizes)} entries for {len(branches)} branches")
+        else:
+            sizes = tuple(b.img_size for b in branches)
+            if img_size is not None:
+                img_size = img_size if isinstance(img_size, int) else max(img_size)
+                sizes = tuple(max(1, round(s * img_size / sizes[-1])) for s in sizes)
+        if any(a > b for a, b in zip(sizes, sizes[1:])):
+            raise ValueError(
+                f"branch order is not inverted: sizes {sizes} must not shrink from branch 0 (largest model, smallest "
+                "image) to the last branch"
+            )
+        return sizes
+
+    @staticmethod
+    def _check_segments(index: int, segments: Sequence[tuple[int, int]], depth: int) -> None:
+        expected_start = 0
+        for start, end in segments:
+            if start != expected_start or end < start:
+                raise ValueError(
+                    f"branch {index}: segments {list(segments)} must be contiguous, non-empty and start at block 0"
+                )
+            expected_start = end + 1
+        if expected_start != depth:
+            raise ValueError(f"branch {index}: segments {list(segments)} cover {expected_start} of {depth} blocks")
+
+    @staticmethod
+    def _build_branch(
+        index: int,
+        cfg: BranchCfg,
+        img_size: int,
+        num_classes: int,
+        in_chans: int,
+        class_token: bool,
+        with_head: bool,
+        dd: dict[str, Any],
+    ) -> VisionTransformer:
+        branch = timm.create_model(
+            cfg.model_name,
+            pretrained=False,
+            img_size=img_size,
+            in_chans=in_chans,
+            num_classes=num_classes if with_head else 0,
+            global_pool="",
+            fc_norm=False,
+            final_norm=with_head,
+            class_token=class_token,
+            dynamic_img_size=True,
+            **{**cfg.model_args, **dd},
+        )
+        if not isinstance(branch, VisionTransformer) or branch.pos_embed is None:
+            raise TypeError(
+                f"branch {index} ({cfg.model_name}) must be a timm VisionTransformer with a learned position "
+                f"embedding, got {type(branch).__name__}"
+            )
+        depth = len(branch.blocks)
+        rates = [cfg.drop_path_rate] * depth
+        if cfg.drop_path_mode == "linear":
+            rates = [cfg.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        elif cfg.drop_path_mode != "constant":
+            raise ValueError(f"branch {index}: drop_path_mode must be 'constant' or 'linear', got {cfg.drop_path_mode!r}")
+        for block, rate in zip(branch.blocks, rates):
+            block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+            block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+        return branch
+
+    def _check_pool(self, global_pool: str) -> None:
+        allowed = ("first_patch", "avg", "") if self.head_type == "separate" else ("avg", "")
+        if global_pool not in allowed:
+            raise ValueError(f"global_pool for a {self.head_type} head must be one of {allowed}, got {global_pool!r}")
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D (B, C, H, W) image tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        height, width = x.shape[-2:]
+        for k, size in enumerate(self.branch_sizes):
+            scale = size / self.branch_sizes[-1]
+            branch_h, branch_w = math.floor(height * scale), math.floor(width * scale)
+            patch_h, patch_w = self.patch_sizes[k]
+            if branch_h < patch_h or branch_w < patch_w:
+                min_side = math.ceil(max(patch_h, patch_w) / scale)
+                raise ValueError(
+                    f"input {height}x{width} is too small: branch {k} sees {branch_h}x{branch_w} px, less than its "
+                    f"{patch_h}x{patch_w} patch; use inputs of at least {min_side}x{min_side}"
+                )
+
+    def _branch_images(self, x: torch.Tensor) -> list[torch.Tensor]:
+        last = self.branch_sizes[-1]
+        # scale_factor (not an output size) drives the sampling grid, as in the reference implementation.
+        return [
+            x if size == last else F.interpolate(x, scale_factor=size / last, mode="bilinear", align_corners=False)
+            for size in self.branch_sizes
+        ]
+
+    def _embed(self, index: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, BranchGeometry]:
+        branch = self.branches[index]
+        x = branch.patch_embed(image)
+        batch, height, width, channels = x.shape
+        pos_embed = resample_abs_pos_embed(
+            branch.pos_embed[:, self._pos_skip[index]:],
+            new_size=(height, width),
+            old_size=branch.patch_embed.grid_size,
+            num_prefix_tokens=0,
+            antialias=False,
+        )
+        x = branch.pos_drop(x.reshape(batch, height * width, channels) + pos_embed)
+        prefix = [t.expand(batch, -1, -1) for t in (branch.cls_token, branch.reg_token) if t is not None]
+        prefix_tokens = branch.norm_pre(torch.cat(prefix, dim=1)) if prefix else None
+        geometry = BranchGeometry(height, width, reference_points(height, width, device=x.device))
+        return branch.norm_pre(x), prefix_tokens, geometry
+
+    def _run_segment(
+        self, index: int, segment: int, tokens: torch.Tensor, prefix: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        start, end = self.segments[index][segment]
+        blocks = self.branches[index].blocks[start:end + 1]
+        x = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(blocks, x, use_reentrant=False)
+        else:
+            x = blocks(x)
+        if prefix is None:
+            return x, None
+        return x[:, prefix.shape[1]:], x[:, :prefix.shape[1]]
+
+    def forward_branches(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[BranchGeometry]]:
+        """Runs the pyramid through every block segment and interaction.
+
+        Args:
+            x: ``(B, C, H, W)`` image at the last branch's resolution (any size the smallest branch can patchify).
+
+        Returns:
+            The patch tokens ``(B, H_k * W_k, D_k)`` of each branch and each branch's token grid.
+        """
+        self._check_input(x)
+        embedded = [self._embed(k, image) for k, image in enumerate(self._branch_images(x))]
+        tokens = [e[0] for e in embedded]
+        prefixes = [e[1] for e in embedded]
+        geoms = [e[2] for e in embedded]
+        for segment, interaction in enumerate(self.interactions):
+            for k in range(len(self.branches)):
+                tokens[k], prefixes[k] = self._run_segment(k, segment, tokens[k], prefixes[k])
+            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                tokens = torch.utils.checkpoint.checkpoint(interaction, tokens, geoms, use_reentrant=False)
+            else:
+                tokens = interaction(tokens, geoms)
+        return tokens, geoms
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image to the ``(B, num_features, H, W)`` feature map on the last branch's token grid."""
+        tokens, geoms = self.forward_branches(x)
+        target = (geoms[-1].height, geoms[-1].width)
+        maps = []
+        for k, (t, geom) in enumerate(zip(tokens, geoms)):
+            if self.head_type == "separate":
+                t = self.branches[k].norm(t)
+            feature_map = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], geom.height, geom.width)
+            if self.head_type == "merged":
+                feature_map = self.merges[k](feature_map)
+            if (geom.height, geom.width) != target:
+                # Upsampled in fp32 as the reference does; a smaller grid's top-left cell maps exactly onto the target's.
+                feature_map = F.interpolate(
+                    feature_map.float(), size=target, mode="bilinear", align_corners=False
+                ).to(feature_map.dtype)
+            maps.append(feature_map)
+        if self.head_type == "separate":
+            return torch.cat(maps, dim=1)
+        return sum(w * m for w, m in zip(self.branch_weights.unbind(0), maps))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pools the feature map and applies the classifier(s).
+
+        Args:
+            x: Output of :meth:`forward_features`.
+            pre_logits: Return the pooled features instead of logits.
+        """
+        if self.head_type == "merged":
+            x = self.head_norm(x.permute(0, 2, 3, 1))
+            if self.global_pool == "avg":
+                x = x.mean(dim=(1, 2))
+            x = self.head_drop(x)
+            if pre_logits:
+                return x if self.global_pool else x.permute(0, 3, 1, 2)
+            x = self.head(x)
+            return x if self.global_pool else x.permute(0, 3, 1, 2)
+
+        if self.global_pool == "first_patch":
+            x = x[:, :, 0, 0]
+        elif self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        if pre_logits or self.num_classes == 0:
+            return x
+        channels_last = x.movedim(1, -1)
+        parts = channels_last.split(list(self.embed_dims), dim=-1)
+        logits = torch.stack([branch.head(p) for branch, p in zip(self.branches, parts)]).mean(0)
+        return logits.movedim(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module | tuple[nn.Module, ...]:
+        if self.head_type == "merged":
+            return self.head
+        return tuple(branch.head for branch in self.branches)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replaces the classifier(s).
+
+        Args:
+            num_classes: New number of classes (0 removes the classifier).
+            global_pool: New pooling; the current one when None.
+        """
+        if global_pool is not None:
+            self._check_pool(global_pool)
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        param = next(self.parameters())
+        dd = {"device": param.device, "dtype": param.dtype}
+
+        def new_head(dim: int) -> nn.Module:
+            return nn.Linear(dim, num_classes, **dd).train(self.training) if num_classes > 0 else nn.Identity()
+
+        if self.head_type == "merged":
+            self.head = new_head(self.num_features)
+        else:
+            for branch in self.branches:
+                branch.head = new_head(branch.embed_dim)
+                branch.num_classes = num_classes
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each branch segment and interaction in the backward pass to save activation memory."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"branches.*.pos_embed", "branches.*.cls_token", "branches.*.reg_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """Groups parameters by pyramid stage: embeddings, then one group per interaction, then merge and heads."""
+        stage_of_block = [
+            {block: stage for stage, (start, end) in enumerate(segs) for block in range(start, end + 1)}
+            for segs in self.segments
+        ]
+        num_stages = len(self.interactions)
+        stem_names = ("cls_token", "reg_token", "pos_embed", "patch_embed")
+
+        def stage(name: str) -> int:
+            parts = name.split(".")
+            if parts[0] == "branches":
+                if parts[2] in stem_names:
+                    return 0
+                if parts[2] == "blocks":
+                    return stage_of_block[int(parts[1])][int(parts[3])] + 1
+            elif parts[0] == "interactions":
+                return int(parts[1]) + 1
+            return num_stages + 1
+
+        return stage
+
+    @torch.jit.ignore
+    def load_branch_weights(self, cache_dir: str | None = None) -> None:
+        """Loads each branch's timm pretrained weights (from its ``model_name`` tag) through timm's Hub path.
+
+        Position embeddings are resampled to the branch grid; interactions and merges keep their current values
+        (zero-initialised gates make a fresh pyramid equal to the independent branches).
+        """
+        for branch in self.branches:
+            load_pretrained(
+                branch,
+                pretrained_cfg=branch.pretrained_cfg,
+                num_classes=branch.num_classes,
+                in_chans=self.in_chans,
+                filter_fn=branch_checkpoint_filter_fn,
+                cache_dir=cache_dir,
+            )
+
+
+def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
+    pretrained_cfg = resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.pop("pretrained_cfg", None),
+        pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None),
+    )
+    cache_dir = kwargs.pop("cache_dir", None)
+    # Without a full PIIP checkpoint, pretrained=True means "pretrained branches, fresh interactions".
+    load_branches = pretrained and not pretrained_cfg.has_weights
+    model = build_model_with_cfg(
+        PIIP,
+        variant,
+        pretrained and not load_branches,
+        pretrained_cfg=pretrained_cfg,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        cache_dir=cache_dir,
+        **kwargs,
+    )
+    if load_branches:
+        model.load_branch_weights(cache_dir=cache_dir)
+    return model
+
+
+def _cfg(input_size: int, num_branches: int, head_type: str = "separate", **kwargs) -> dict[str, Any]:
+    classifier = "head" if head_type == "merged" else tuple(f"branches.{k}.head" for k in range(num_branches))
+    return {
+        "num_classes": 1000,
+        "input_size": (3, input_size, input_size),
+        "pool_size": (input_size // 16, input_size // 16),
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": tuple(f"branches.{k}.patch_embed.proj" for k in range(num_branches)),
+        "classifier": classifier,
+        "license": "mit",
+        "paper_ids": "arXiv:2406.04330",
+        "paper_name": "Parameter-Inverted Image Pyramid Networks",
+        "origin_url": "https://github.com/OpenGVLab/PIIP",
+        **kwargs,
+    }
+
+
+_BRANCH_INIT_NOTE = "timm-pretrained branches with zero-initialised interactions (pretrained=True loads the branches)"
+
+default_cfgs = generate_default_cfgs({
+    "piip_tsb.branches": _cfg(368, 3, notes=(_BRANCH_INIT_NOTE,)),
+    "piip_sbl.branches": _cfg(384, 3, notes=(_BRANCH_INIT_NOTE,)),
+    "piip_sbl_320_160_96.branches": _cfg(320, 3, notes=(_BRANCH_INIT_NOTE,)),
+    "piip_tsbl.branches": _cfg(384, 4, notes=(_BRANCH_INIT_NOTE,)),
+})
+
+
+def _deit1(size: str, img_size: int, drop_path_rate: float) -> BranchCfg:
+    """DeiT v1 branch with LayerScale gammas (initialised to 1) and no class slot in the position embedding."""
+    return BranchCfg(
+        f"deit_{size}_patch16_224.fb_in1k",
+        img_size,
+        even_segments(12, 12),
+        drop_path_rate,
+        model_args=dict(init_values=1.0, no_embed_class=True),
+    )
+
+
+def _augreg(size: str, img_size: int, depth: int, drop_path_rate: float) -> BranchCfg:
+    """AugReg ViT branch; its position embedding keeps the (unused) class slot, as in the official models."""
+    return BranchCfg(f"vit_{size}_patch16_224.augreg_in21k_ft_in1k", img_size, even_segments(depth, 12), drop_path_rate)
+
+
+def _deit3(size: str, img_size: int, depth: int, drop_path_rate: float) -> BranchCfg:
+    return BranchCfg(f"deit3_{size}_patch16_224.fb_in22k_ft_in1k", img_size, even_segments(depth, 12), drop_path_rate)
+
+
+_OFFICIAL_CLS = dict(head_type="separate", global_pool="first_patch", class_token=True)
+
+
+def _sbl(sizes: tuple[int, int, int]) -> tuple[BranchCfg, ...]:
+    return (_augreg("large", sizes[0], 24, 0.4), _augreg("base", sizes[1], 12, 0.2), _augreg("small", sizes[2], 12, 0.05))
+
+
+@register_model
+def piip_tsb(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-TSB 368/192/128: DeiT-T@368, DeiT-S@192, DeiT-B@128 (arXiv:2406.04330, ImageNet-1k 82.1 top-1)."""
+    branches = (_deit1("base", 128, 0.2), _deit1("small", 192, 0.05), _deit1("tiny", 368, 0.05))
+    return _create_piip("piip_tsb", pretrained, **dict(dict(branches=branches, **_OFFICIAL_CLS), **kwargs))
+
+
+@register_model
+def piip_sbl(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 384/192/128: AugReg ViT-S@384, ViT-B@192, ViT-L@128 (arXiv:2406.04330, 85.9 top-1)."""
+    return _create_piip("piip_sbl", pretrained, **dict(dict(branches=_sbl((128, 192, 384)), **_OFFICIAL_CLS), **kwargs))
+
+
+@register_model
+def piip_sbl_320_160_96(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 320/160/96: AugReg ViT-S@320, ViT-B@160, ViT-L@96 (arXiv:2406.04330, 85.2 top-1)."""
+    model_args = dict(branches=_sbl((96, 160, 320)), **_OFFICIAL_CLS)
+    return _create_piip("piip_sbl_320_160_96", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def piip_tsbl(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-TSBL 384/256/192/128: DeiT-T@384, DeiT III-S@256, DeiT III-B@192, DeiT III-L@128 (4 branches).
+
+    Not an official classification config (none with 4 branches was released): the four-branch detection pyramid
+    of arXiv:2406.04330 (DeiT-T v1 + DeiT III S/B/L) at classification resolutions, with separate heads.
+    """
+    branches = (
+        _deit3("large", 128, 24, 0.4),
+        _deit3("base", 192, 12, 0.15),
+        _deit3("small", 256, 12, 0.05),
+        _deit1("tiny", 384, 0.05),
+    )
+    return _create_piip("piip_tsbl", pretrained, **dict(dict(branches=branches, **_OFFICIAL_CLS), **kwargs))
+
+
+def create_pyramid(
+    branches: Sequence[tuple[str, int] | BranchCfg],
+    num_interactions: int | None = None,
+    pretrained: bool = False,
+    **kwargs,
+) -> PIIP:
+    """Builds a custom PIIP from any timm ViT names and sizes.
+
+    Args:
+        branches: ``(timm_model_name, img_size)`` pairs or :class:`BranchCfg`, largest model (smallest image) first.
+            A pretrained tag in the name (``deit_small_patch16_224.fb_in1k``) selects the weights to load.
+        num_interactions: Interaction count; each branch's blocks are split evenly. Defaults to the smallest depth.
+        pretrained: Load each branch's timm pretrained weights (interactions start at their zero init).
+        **kwargs: :class:`PIIP` keyword arguments (``num_classes``, ``head_type``, ``interaction``, ...).
+
+    Returns:
+        The model, with a pretrained_cfg derived from the last branch size.
+    """
+    depths = []
+    for item in branches:
+        if isinstance(item, BranchCfg):
+            depths.append(max(end for _, end in item.segments) + 1)
+        else:
+            depths.append(len(timm.create_model(item[0], pretrained=False, device="meta").blocks))
+    num_interactions = num_interactions or min(depths)
+    cfgs = tuple(
+        item if isinstance(item, BranchCfg) else BranchCfg(item[0], int(item[1]), even_segments(depth, num_interactions))
+        for item, depth in zip(branches, depths)
+    )
+    head_type = kwargs.get("head_type", "separate")
+    pretrained_cfg = {**_cfg(cfgs[-1].img_size, len(cfgs), head_type), "architecture": "piip_custom"}
+    model = PIIP(branches=cfgs, **kwargs)
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg
+    if pretrained:
+        model.load_branch_weights()
+    return model

@@ -1,0 +1,153 @@
+"""Checkpoint filters: timm branch checkpoints and official PIIP layouts to piip-models state dicts.
+
+Weight compatibility lives here, never in ``forward``: position embeddings are resampled to the model's grids, the
+official key names (``branch{k}.``, ``gamma_1``, ``interaction_units_{ab}``, ``merge_branch{k}``, ``w{k}``, ...) are
+renamed to the timm-style names of :class:`piip_models.piip.PIIP`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+if TYPE_CHECKING:
+    from .piip import PIIP
+
+__all__ = [
+    "adapt_pos_embed",
+    "branch_checkpoint_filter_fn",
+    "checkpoint_filter_fn",
+    "convert_official_state_dict",
+    "unwrap_state_dict",
+]
+
+_WRAPPER_KEYS = ("model", "module", "state_dict")
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Returns the tensors of a checkpoint, unwrapping ``model``/``module``/``state_dict`` and a ``backbone.`` prefix."""
+    for key in _WRAPPER_KEYS:
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            checkpoint = checkpoint[key]
+    state_dict = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if state_dict and all(k.startswith("backbone.") for k in state_dict):
+        state_dict = {k[len("backbone."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def adapt_pos_embed(pos_embed: torch.Tensor, branch: VisionTransformer) -> torch.Tensor:
+    """Resamples a square-grid position embedding (with or without prefix slots) to a ViT branch's layout.
+
+    The source's prefix-slot count is inferred as ``N - isqrt(N)**2``; slots the target lacks are dropped, slots
+    it needs but the source lacks are zero (PIIP never reads them). The grid is resized bicubically without
+    antialiasing, as the reference implementation does.
+    """
+    target_shape = branch.pos_embed.shape
+    if pos_embed.shape == target_shape:
+        return pos_embed
+    num_tokens = pos_embed.shape[1]
+    src_grid = math.isqrt(num_tokens)
+    src_slots = num_tokens - src_grid * src_grid
+    dst_slots = 0 if branch.no_embed_class else branch.num_prefix_tokens
+    grid = resample_abs_pos_embed(
+        pos_embed[:, src_slots:],
+        new_size=branch.patch_embed.grid_size,
+        old_size=(src_grid, src_grid),
+        num_prefix_tokens=0,
+        antialias=False,
+    )
+    if not dst_slots:
+        return grid
+    prefix = pos_embed[:, :min(src_slots, dst_slots)]
+    missing = dst_slots - prefix.shape[1]
+    if missing:
+        prefix = torch.cat([prefix, prefix.new_zeros(1, missing, pos_embed.shape[2])], dim=1)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def branch_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """Adapts a timm/DeiT/AugReg ViT checkpoint to one PIIP branch.
+
+    Besides timm's own ViT conversions: the position embedding loses or gains its class slot as the branch needs,
+    LayerScale gammas absent from the checkpoint (DeiT v1) keep the branch's init values, and final-norm weights
+    are dropped for branches without a final norm.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if "pos_embed" in state_dict:
+        state_dict["pos_embed"] = adapt_pos_embed(state_dict["pos_embed"], model)
+    state_dict = vit_checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True, antialias=False)
+    for name, value in model.state_dict().items():
+        if name.endswith(("ls1.gamma", "ls2.gamma")) and name not in state_dict:
+            state_dict[name] = value.detach().clone()
+    if isinstance(model.norm, nn.Identity):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("norm.")}
+    if isinstance(model.fc_norm, nn.Identity):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc_norm.")}
+    return state_dict
+
+
+_OFFICIAL_RENAMES = (
+    (re.compile(r"^branch(\d+)\."), lambda m: f"branches.{int(m.group(1)) - 1}."),
+    (re.compile(r"\.gamma_([12])$"), lambda m: f".ls{m.group(1)}.gamma"),
+    (re.compile(r"^interactions\.(\d+)\.interaction_units_(\d)\d\."),
+     lambda m: f"interactions.{m.group(1)}.units.{int(m.group(2)) - 1}."),
+    (re.compile(r"\.ffn\.dwconv\.dwconv\."), lambda m: ".ffn.dwconv."),
+    (re.compile(r"\.ca_weight$"), lambda m: ".ca_gamma"),
+    (re.compile(r"\.cffn_weight$"), lambda m: ".cffn_gamma"),
+    (re.compile(r"^merge_branch1\.(weight|bias)$"), lambda m: f"merges.0.norm_in.{m.group(1)}"),
+    (re.compile(r"^merge_branch(\d+)\.([024])\."),
+     lambda m: f"merges.{int(m.group(1)) - 1}.{ {'0': 'norm_in', '2': 'proj', '4': 'norm_out'}[m.group(2)] }."),
+    (re.compile(r"^cls_norm\."), lambda m: "head_norm."),
+    (re.compile(r"^cls_head\."), lambda m: "head."),
+)
+_OFFICIAL_BRANCH_WEIGHT = re.compile(r"^w(\d+)$")
+
+
+def is_official_layout(state_dict: Mapping[str, Any]) -> bool:
+    """Whether a state dict uses the official OpenGVLab/PIIP key names."""
+    return any(k.startswith("branch1.") for k in state_dict)
+
+
+def convert_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Renames an official OpenGVLab/PIIP state dict to piip-models names (no resampling).
+
+    Args:
+        state_dict: Official checkpoint or state dict (wrappers and a ``backbone.`` prefix are removed).
+
+    Returns:
+        The state dict with piip-models key names; the scalar branch weights ``w1..wN`` become ``branch_weights``.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    converted: dict[str, torch.Tensor] = {}
+    branch_weights: dict[int, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        match = _OFFICIAL_BRANCH_WEIGHT.match(key)
+        if match:
+            branch_weights[int(match.group(1))] = value.reshape(())
+            continue
+        for pattern, repl in _OFFICIAL_RENAMES:
+            key = pattern.sub(repl, key)
+        converted[key] = value
+    if branch_weights:
+        converted["branch_weights"] = torch.stack([branch_weights[k] for k in sorted(branch_weights)])
+    return converted
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PIIP) -> dict[str, torch.Tensor]:
+    """Loads piip-models or official PIIP checkpoints into ``model``, resampling position embeddings per branch."""
+    state_dict = unwrap_state_dict(state_dict)
+    if is_official_layout(state_dict):
+        state_dict = convert_official_state_dict(state_dict)
+    for k, branch in enumerate(model.branches):
+        key = f"branches.{k}.pos_embed"
+        if key in state_dict:
+            state_dict[key] = adapt_pos_embed(state_dict[key], branch)
+    return state_dict
