@@ -42,6 +42,7 @@ from timm.models import (
     register_model,
     resolve_pretrained_cfg,
 )
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 
 from .layers.interaction import BranchGeometry, InteractionBlock, init_interaction_weights
@@ -235,6 +236,10 @@ class PIIP(nn.Module):
             self.num_features = self.head_hidden_size = sum(self.embed_dims)
         self._check_pool(global_pool)
         self.global_pool = global_pool
+        self.feature_info = [
+            dict(num_chs=self.num_features, reduction=self.patch_sizes[-1][0], module=f"interactions.{i}")
+            for i in range(len(self.interactions))
+        ]
 
     @staticmethod
     def _resolve_sizes(
@@ -342,6 +347,9 @@ class PIIP(nn.Module):
 
     def _embed(self, index: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, BranchGeometry]:
         branch = self.branches[index]
+        patch_h, patch_w = self.patch_sizes[index]
+        # A stride-p patch conv ignores the last H % p rows and W % p columns; crop them so any size is accepted.
+        image = image[..., : image.shape[-2] // patch_h * patch_h, : image.shape[-1] // patch_w * patch_w]
         x = branch.patch_embed(image)
         batch, height, width, channels = x.shape
         pos_embed = resample_abs_pos_embed(
@@ -371,6 +379,32 @@ class PIIP(nn.Module):
             return x, None
         return x[:, prefix.shape[1]:], x[:, :prefix.shape[1]]
 
+    def _forward_stages(
+        self,
+        x: torch.Tensor,
+        take_indices: Sequence[int] = (),
+        last_stage: int | None = None,
+        norm: bool = False,
+    ) -> tuple[list[torch.Tensor], list[BranchGeometry], list[torch.Tensor]]:
+        self._check_input(x)
+        embedded = [self._embed(k, image) for k, image in enumerate(self._branch_images(x))]
+        tokens = [e[0] for e in embedded]
+        prefixes = [e[1] for e in embedded]
+        geoms = [e[2] for e in embedded]
+        last_stage = len(self.interactions) - 1 if last_stage is None else last_stage
+        checkpointing = self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled()
+        intermediates = []
+        for stage, interaction in enumerate(self.interactions[:last_stage + 1]):
+            for k in range(len(self.branches)):
+                tokens[k], prefixes[k] = self._run_segment(k, stage, tokens[k], prefixes[k])
+            if checkpointing:
+                tokens = torch.utils.checkpoint.checkpoint(interaction, tokens, geoms, use_reentrant=False)
+            else:
+                tokens = interaction(tokens, geoms)
+            if stage in take_indices:
+                intermediates.append(self.fuse(tokens, geoms, norm=norm))
+        return tokens, geoms, intermediates
+
     def forward_branches(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[BranchGeometry]]:
         """Runs the pyramid through every block segment and interaction.
 
@@ -380,27 +414,19 @@ class PIIP(nn.Module):
         Returns:
             The patch tokens ``(B, H_k * W_k, D_k)`` of each branch and each branch's token grid.
         """
-        self._check_input(x)
-        embedded = [self._embed(k, image) for k, image in enumerate(self._branch_images(x))]
-        tokens = [e[0] for e in embedded]
-        prefixes = [e[1] for e in embedded]
-        geoms = [e[2] for e in embedded]
-        for segment, interaction in enumerate(self.interactions):
-            for k in range(len(self.branches)):
-                tokens[k], prefixes[k] = self._run_segment(k, segment, tokens[k], prefixes[k])
-            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-                tokens = torch.utils.checkpoint.checkpoint(interaction, tokens, geoms, use_reentrant=False)
-            else:
-                tokens = interaction(tokens, geoms)
+        tokens, geoms, _ = self._forward_stages(x)
         return tokens, geoms
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image to the ``(B, num_features, H, W)`` feature map on the last branch's token grid."""
-        tokens, geoms = self.forward_branches(x)
+    def fuse(self, tokens: Sequence[torch.Tensor], geoms: Sequence[BranchGeometry], norm: bool = True) -> torch.Tensor:
+        """Fuses branch tokens into one NCHW map on the last branch's grid.
+
+        Separate heads concatenate each branch's (final-normed when ``norm``) tokens, upsampled to that grid; the
+        merged head applies the branch merges and the learnable branch weights.
+        """
         target = (geoms[-1].height, geoms[-1].width)
         maps = []
         for k, (t, geom) in enumerate(zip(tokens, geoms)):
-            if self.head_type == "separate":
+            if self.head_type == "separate" and norm:
                 t = self.branches[k].norm(t)
             feature_map = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], geom.height, geom.width)
             if self.head_type == "merged":
@@ -414,6 +440,61 @@ class PIIP(nn.Module):
         if self.head_type == "separate":
             return torch.cat(maps, dim=1)
         return sum(w * m for w, m in zip(self.branch_weights.unbind(0), maps))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image to the ``(B, num_features, H, W)`` feature map on the last branch's token grid."""
+        return self.fuse(*self.forward_branches(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Fused feature maps after selected interaction stages.
+
+        Args:
+            x: Input image.
+            indices: Last ``n`` stages (int), the listed stages, or all (None).
+            norm: Apply the branches' final norms to the taps (separate heads).
+            stop_early: Stop after the last selected stage.
+            output_fmt: Only ``'NCHW'``.
+            intermediates_only: Return the taps alone.
+
+        Returns:
+            The taps, or ``(forward_features output, taps)``.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.interactions), indices)
+        last_stage = max_index if stop_early or intermediates_only else None
+        tokens, geoms, intermediates = self._forward_stages(x, take_indices, last_stage, norm)
+        if intermediates_only:
+            return intermediates
+        return self.fuse(tokens, geoms), intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drops the stages after the last selected one (and optionally the final norms and the head)."""
+        take_indices, max_index = feature_take_indices(len(self.interactions), indices)
+        self.interactions = self.interactions[:max_index + 1]
+        self.segments = tuple(segs[:max_index + 1] for segs in self.segments)
+        for branch, segs in zip(self.branches, self.segments):
+            branch.blocks = branch.blocks[:segs[-1][1] + 1]
+            if prune_norm:
+                branch.norm = nn.Identity()
+        if prune_head:
+            if self.head_type == "merged":
+                self.head_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pools the feature map and applies the classifier(s).
@@ -536,12 +617,16 @@ def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
     cache_dir = kwargs.pop("cache_dir", None)
     # Without a full PIIP checkpoint, pretrained=True means "pretrained branches, fresh interactions".
     load_branches = pretrained and not pretrained_cfg.has_weights
+    num_stages = len(kwargs["branches"][0].segments)
+    # Four evenly spaced interaction stages, the last one included, as ViT-Adapter-style pyramids tap them.
+    out_indices = tuple(sorted({max(0, round(num_stages * (i + 1) / 4) - 1) for i in range(4)}))
     model = build_model_with_cfg(
         PIIP,
         variant,
         pretrained and not load_branches,
         pretrained_cfg=pretrained_cfg,
         pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         cache_dir=cache_dir,
         **kwargs,
     )

@@ -1,0 +1,101 @@
+"""Parity with the official OpenGVLab/PIIP classification models (fixtures recorded from the official code)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from piip_models.official import build_from_official
+from piip_models.weights import checkpoint_filter_fn
+
+from .conftest import require_fixture
+
+CLS_FIXTURES = [
+    "cls_2branch_small",
+    "cls_3branch_deit_small",
+    "cls_3branch_augreg_small",
+    "cls_3branch_merged_small",
+    "cls_4branch_small",
+]
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def _capture(model):
+    """Hooks recording what the fixtures recorded: branch images, branch logits, tokens, cls tokens, deform inputs."""
+    records: dict[str, torch.Tensor] = {}
+    handles = []
+    for k, branch in enumerate(model.branches):
+        handles.append(branch.patch_embed.register_forward_pre_hook(
+            lambda m, args, k=k: records.__setitem__(f"branch{k + 1}.image", args[0])))
+        handles.append(branch.head.register_forward_hook(
+            lambda m, args, out, k=k: records.__setitem__(f"branch{k + 1}.logits", out)))
+        for i, (_, end) in enumerate(model.segments[k]):
+            handles.append(branch.blocks[end].register_forward_hook(
+                lambda m, args, out, k=k, i=i: records.__setitem__(f"interaction{i}.cls{k + 1}", out[:, :1])))
+    for i, block in enumerate(model.interactions):
+        handles.append(block.register_forward_hook(
+            lambda m, args, out, i=i: records.update({f"interaction{i}.x{k + 1}": t for k, t in enumerate(out)})))
+    for u, unit in enumerate(model.interactions[0].units):
+        for side in ("branch2to1", "branch1to2"):
+            attn = getattr(unit, f"{side}_injector").attn
+            prefix = f"deform.interaction_units_{u + 1}{u + 2}.{side}."
+            handles.append(attn.register_forward_pre_hook(
+                lambda m, args, prefix=prefix: records.update({
+                    prefix + "reference_points": args[1],
+                    prefix + "spatial_shapes": torch.tensor(args[3]),
+                })))
+    return records, handles
+
+
+@pytest.mark.parametrize("name", CLS_FIXTURES)
+def test_classification_fixture(name):
+    path = require_fixture(name)
+    config = json.loads((path / "config.json").read_text())
+    model = build_from_official(config["kwargs"]).eval()
+    state_dict = checkpoint_filter_fn(load_file(path / "state_dict.safetensors"), model)
+    missing, unexpected = model.load_state_dict(state_dict, strict=True)
+    assert not missing and not unexpected
+    io = load_file(path / "io.safetensors")
+
+    records, handles = _capture(model)
+    with torch.no_grad():
+        logits = model(io["input"])
+    for handle in handles:
+        handle.remove()
+
+    torch.testing.assert_close(logits, io["logits"], **TOL)
+    checked = 0
+    for key, expected in io.items():
+        if not key.startswith("intermediate."):
+            continue
+        short = key[len("intermediate."):]
+        if short.endswith("level_start_index"):
+            assert expected.tolist() == [0]  # a single value level
+            continue
+        assert short in records, f"no capture for {short}"
+        actual = records[short]
+        if short.startswith("deform.") and short.endswith("reference_points"):
+            actual = actual.expand_as(expected)
+        torch.testing.assert_close(actual.to(expected.dtype), expected, **TOL, msg=f"{name}: {short}")
+        checked += 1
+    assert checked >= 10
+
+
+def test_msda_fixture_through_public_op():
+    path = require_fixture("msda_op")
+    from piip_models.kernels import multi_scale_deformable_attention
+
+    io = load_file(path / "io.safetensors")
+    cases = json.loads((path / "config.json").read_text())["cases"]
+    for case in range(len(cases)):
+        p = f"case{case}."
+        inputs = [io[p + n].clone().requires_grad_() for n in ("value", "sampling_locations", "attention_weights")]
+        out = multi_scale_deformable_attention(inputs[0], io[p + "spatial_shapes"], io[p + "level_start_index"],
+                                               inputs[1], inputs[2])
+        torch.testing.assert_close(out, io[p + "output"], rtol=1e-10, atol=1e-12)
+        grads = torch.autograd.grad(out, inputs, io[p + "grad_output"])
+        for grad, name in zip(grads, ("grad_value", "grad_sampling_locations", "grad_attention_weights")):
+            torch.testing.assert_close(grad, io[p + name], rtol=1e-10, atol=1e-12)

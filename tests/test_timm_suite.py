@@ -1,0 +1,101 @@
+"""timm's own ``tests/test_models.py`` (timm 1.0.31 sdist) run against the ``piip_*`` models.
+
+The sdist is fetched once into ``.timm/`` (``pip download``); the tests skip when it cannot be fetched.
+CI runs a representative subset; the full sweep over every model is ``pytest -m slow tests/test_timm_suite.py``.
+
+Exclusions (each with its reason):
+- ``torchscript`` / ``fx`` tests: PIIP's forward is shape-dynamic end to end (branch images, token grids, position
+  embeddings and deformable-attention geometry all derive from the input size), which neither TorchScript nor
+  symbolic FX tracing can follow; ``torch.compile`` is the supported graph-capture path (tests/test_compile.py).
+- ``pretrained`` tests: no PIIP tag has a full checkpoint yet (tags load timm branches), so timm selects none.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import timm
+
+import piip_models  # noqa: F401  (registers the models listed below)
+
+TIMM_VERSION = timm.__version__
+ROOT = Path(__file__).resolve().parents[1]
+SUITE_DIR = ROOT / ".timm" / f"timm-{TIMM_VERSION}"
+EXCLUDE_KEYWORDS = "not torchscript and not fx and not pretrained"
+SUBSET = ["piip_tsb"]
+
+
+def timm_tests_dir() -> Path:
+    test_file = SUITE_DIR / "tests" / "test_models.py"
+    if not test_file.exists():
+        download = ROOT / ".timm" / "sdist"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+               f"timm=={TIMM_VERSION}", "-d", str(download)]
+        if subprocess.run(cmd, capture_output=True, timeout=300).returncode != 0:
+            pytest.skip(f"could not fetch the timm {TIMM_VERSION} sdist")
+        with tarfile.open(download / f"timm-{TIMM_VERSION}.tar.gz") as archive:
+            members = [m for m in archive.getmembers()
+                       if m.name.startswith((f"timm-{TIMM_VERSION}/tests/", f"timm-{TIMM_VERSION}/pyproject.toml"))]
+            archive.extractall(SUITE_DIR.parent, members=members, filter="data")
+    return SUITE_DIR
+
+
+def run_timm_suite(model_filter: str) -> None:
+    suite = timm_tests_dir()
+    env = dict(os.environ, TORCH_BACKEND="piip_models", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "pytest", "tests/test_models.py", "-p", "no:cacheprovider", "-q",
+           "-k", f"({model_filter}) and {EXCLUDE_KEYWORDS}"]
+    result = subprocess.run(cmd, cwd=suite, env=env, capture_output=True, text=True, timeout=3600)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in summary and "failed" not in summary, summary
+
+
+def test_timm_suite_subset():
+    run_timm_suite(" or ".join(SUBSET))
+
+
+@pytest.mark.slow
+def test_timm_suite_every_model():
+    run_timm_suite("piip_")
+
+
+def _timm_test_module():
+    spec = importlib.util.spec_from_file_location("_timm_test_models", timm_tests_dir() / "tests" / "test_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def _tm():
+    return _timm_test_module()
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_forward_intermediates(_tm, name):
+    _tm.test_model_forward_intermediates(name, 1)
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_forward_intermediates_features(_tm, name):
+    _tm.test_model_forward_intermediates_features(name, 1)
+
+
+@pytest.mark.parametrize("name", SUBSET)
+def test_prune_intermediate_layers_contract(_tm, name):
+    _tm.test_prune_intermediate_layers_contract(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", timm.list_models("piip_*"))
+def test_intermediates_every_model(_tm, name):
+    _tm.test_model_forward_intermediates(name, 1)
+    _tm.test_model_forward_intermediates_features(name, 1)
+    _tm.test_prune_intermediate_layers_contract(name)
