@@ -309,7 +309,9 @@ class PIIP(nn.Module):
         if cfg.drop_path_mode == "linear":
             rates = [cfg.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         elif cfg.drop_path_mode != "constant":
-            raise ValueError(f"branch {index}: drop_path_mode must be 'constant' or 'linear', got {cfg.drop_path_mode!r}")
+            raise ValueError(
+                f"branch {index}: drop_path_mode must be 'constant' or 'linear', got {cfg.drop_path_mode!r}"
+            )
         for block, rate in zip(branch.blocks, rates):
             block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
             block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
@@ -432,7 +434,7 @@ class PIIP(nn.Module):
             if self.head_type == "merged":
                 feature_map = self.merges[k](feature_map)
             if (geom.height, geom.width) != target:
-                # Upsampled in fp32 as the reference does; a smaller grid's top-left cell maps exactly onto the target's.
+                # Upsampled in fp32 as the reference does; a smaller grid's top-left cell maps exactly onto the target.
                 feature_map = F.interpolate(
                     feature_map.float(), size=target, mode="bilinear", align_corners=False
                 ).to(feature_map.dtype)
@@ -690,7 +692,8 @@ _OFFICIAL_CLS = dict(head_type="separate", global_pool="first_patch", class_toke
 
 
 def _sbl(sizes: tuple[int, int, int]) -> tuple[BranchCfg, ...]:
-    return (_augreg("large", sizes[0], 24, 0.4), _augreg("base", sizes[1], 12, 0.2), _augreg("small", sizes[2], 12, 0.05))
+    large, base, small = sizes
+    return (_augreg("large", large, 24, 0.4), _augreg("base", base, 12, 0.2), _augreg("small", small, 12, 0.05))
 
 
 @register_model
@@ -755,7 +758,8 @@ def create_pyramid(
             depths.append(len(timm.create_model(item[0], pretrained=False, device="meta").blocks))
     num_interactions = num_interactions or min(depths)
     cfgs = tuple(
-        item if isinstance(item, BranchCfg) else BranchCfg(item[0], int(item[1]), even_segments(depth, num_interactions))
+        item if isinstance(item, BranchCfg)
+        else BranchCfg(item[0], int(item[1]), even_segments(depth, num_interactions))
         for item, depth in zip(branches, depths)
     )
     head_type = kwargs.get("head_type", "separate")

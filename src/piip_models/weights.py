@@ -33,7 +33,7 @@ _WRAPPER_KEYS = ("model", "module", "state_dict")
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Returns the tensors of a checkpoint, unwrapping ``model``/``module``/``state_dict`` and a ``backbone.`` prefix."""
+    """Returns a checkpoint's tensors, unwrapping ``model``/``module``/``state_dict`` and a ``backbone.`` prefix."""
     for key in _WRAPPER_KEYS:
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             checkpoint = checkpoint[key]

@@ -1,6 +1,6 @@
 """Reusable PIIP layers."""
 
-from .interaction import BidirectionalInteractionUnit, BranchGeometry, ConvFFN, InteractionBlock, Injector
+from .interaction import BidirectionalInteractionUnit, BranchGeometry, ConvFFN, Injector, InteractionBlock
 from .msdeform_attn import MSDeformAttn, reference_points
 
 __all__ = [

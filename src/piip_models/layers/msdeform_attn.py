@@ -60,7 +60,9 @@ class MSDeformAttn(nn.Module):
         dd = {"device": device, "dtype": dtype}
         value_dim = int(d_model * ratio)
         if value_dim % n_heads:
-            raise ValueError(f"value width {value_dim} (d_model {d_model} x ratio {ratio}) must divide by n_heads {n_heads}")
+            raise ValueError(
+                f"value width {value_dim} (d_model {d_model} x ratio {ratio}) must divide by n_heads {n_heads}"
+            )
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
