@@ -1,0 +1,286 @@
+"""Benchmark multi-scale deformable attention: Triton kernels vs the PyTorch paths, side by side.
+
+Rows per shape: the ``grid_sample`` reference (the Deformable-DETR / PIIP PyTorch formulation, eager and
+``torch.compile``), this package's PyTorch path (eager and ``torch.compile``) and the Triton kernels (CUDA only; rows
+read "n/a (no CUDA)" elsewhere). Columns: forward / backward / forward+backward medians (backward = difference),
+peak memory of forward and of forward+backward (bytes allocated above the inputs), effective bandwidth of the
+compulsory bytes and, on a known GPU, the % of the HBM floor reached. Shapes: the four PIIP interaction shapes and
+the Deformable-DETR encoder (survey section 6).
+
+    python benchmarks/msda.py --quick          # CPU: batch 2, a few minutes on 2 cores
+    python benchmarks/msda.py --batch 2 8      # GPU default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from piip_models.kernels import multi_scale_deformable_attention
+
+# name: (query grid (h, w), value levels [(H, W)], heads, head_dim, points)
+SHAPES = {
+    "piip-B": ((98, 98), [(70, 70)], 16, 12, 4),  # ViT-S queries (1568 px) read ViT-B tokens (1120 px)
+    "piip-C": ((70, 70), [(98, 98)], 16, 24, 4),  # ViT-B queries read ViT-S tokens
+    "piip-D": ((42, 42), [(70, 70)], 16, 32, 4),  # ViT-L queries (672 px) read ViT-B tokens
+    "piip-E": ((70, 70), [(42, 42)], 16, 24, 4),  # ViT-B queries read ViT-L tokens
+    "detr-enc": (None, [(100, 152), (50, 76), (25, 38), (13, 19)], 8, 32, 4),  # queries = every level's pixels
+}
+HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "L40S": 0.864}
+
+
+def reference(value, spatial_shapes, sampling_locations, attention_weights):
+    """The ``grid_sample`` formulation (``ms_deform_attn_core_pytorch``), the baseline the issue measures."""
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    value_levels = value.split([h * w for h, w in spatial_shapes], dim=1)
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        value_l = value_levels[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, h, w)
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+    return output.view(batch, heads * head_dim, queries).transpose(1, 2).contiguous()
+
+
+def _pixel_centres(h: int, w: int) -> torch.Tensor:
+    y, x = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+    return torch.stack((x, y), -1).view(-1, 2)
+
+
+def make_inputs(name: str, batch: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """PIIP-like inputs: reference points on the query grid, offsets of a few pixels, softmaxed weights."""
+    grid, shapes, heads, head_dim, points = SHAPES[name]
+    gen = torch.Generator().manual_seed(seed)
+    if grid is None:
+        ref = torch.cat([_pixel_centres(h, w) for h, w in shapes])
+    else:
+        ref = _pixel_centres(*grid)
+    queries, levels = ref.shape[0], len(shapes)
+    size = torch.tensor([(w, h) for h, w in shapes], dtype=torch.float32)
+    offsets = torch.randn(batch, queries, heads, levels, points, 2, generator=gen) * 2.0 / size.view(levels, 1, 2)
+    loc = ref.view(1, queries, 1, 1, 1, 2) + offsets
+    attn = torch.randn(batch, queries, heads, levels * points, generator=gen).softmax(-1)
+    attn = attn.view(batch, queries, heads, levels, points)
+    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, head_dim, generator=gen)
+    grad = torch.randn(batch, queries, heads * head_dim, generator=gen)
+    return (shapes, value.to(device, dtype), loc.to(device), attn.to(device), grad.to(device, dtype))
+
+
+@dataclass
+class Row:
+    shape: str
+    batch: int
+    path: str
+    fwd_ms: float | None = None
+    bwd_ms: float | None = None
+    fwd_bwd_ms: float | None = None
+    fwd_peak_mib: float | None = None
+    fwd_bwd_peak_mib: float | None = None
+    fwd_gbps: float | None = None
+    fwd_bwd_gbps: float | None = None
+    fwd_pct_hbm: float | None = None
+    fwd_bwd_pct_hbm: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _median_ms(fn: Callable[[], object], reps: int, warmup: int, device: str) -> float:
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=max(100, reps), return_mode="median"))
+        except ImportError:
+            pass
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _peak_mib(fn: Callable[[], object], device: str) -> float:
+    """Peak bytes allocated while ``fn`` runs, above what was allocated before (MiB)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def _compulsory_bytes(value, loc, attn, grad) -> tuple[int, int]:
+    def nbytes(t):
+        return t.numel() * t.element_size()
+
+    forward = nbytes(value) + nbytes(loc) + nbytes(attn) + nbytes(grad)  # inputs + output (grad has its shape)
+    backward = 2 * nbytes(value) + 2 * nbytes(loc) + 2 * nbytes(attn) + nbytes(grad)  # + the three gradients
+    return forward, forward + backward
+
+
+def _hbm_tbps(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tbps for key, tbps in HBM_TBPS.items() if key in name), None)
+
+
+def bench_path(path: str, fn, inputs, reps: int, warmup: int, device: str, hbm: float | None) -> Row:
+    shapes, value, loc, attn, grad = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+
+    def forward():
+        with torch.no_grad():
+            return fn(leaves[0], shapes, leaves[1], leaves[2])
+
+    def forward_backward():
+        return torch.autograd.grad(fn(leaves[0], shapes, leaves[1], leaves[2]), leaves, grad)
+
+    row = Row(shape="", batch=value.shape[0], path=path)
+    row.fwd_ms = _median_ms(forward, reps, warmup, device)
+    row.fwd_bwd_ms = _median_ms(forward_backward, reps, warmup, device)
+    # Compiled graphs donate buffers (no retain_graph), so the backward is timed as the difference.
+    row.bwd_ms = row.fwd_bwd_ms - row.fwd_ms
+    row.fwd_peak_mib = _peak_mib(forward, device)
+    row.fwd_bwd_peak_mib = _peak_mib(forward_backward, device)
+    fwd_bytes, total_bytes = _compulsory_bytes(value, loc, attn, grad)
+    row.fwd_gbps = fwd_bytes / row.fwd_ms / 1e6
+    row.fwd_bwd_gbps = total_bytes / row.fwd_bwd_ms / 1e6
+    if hbm is not None:
+        row.fwd_pct_hbm = 100 * row.fwd_gbps / (hbm * 1e3)
+        row.fwd_bwd_pct_hbm = 100 * row.fwd_bwd_gbps / (hbm * 1e3)
+    return row
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 2 (encoder 1 on CPU), 3 repetitions, no compiled reference: minutes on 2 CPU cores")
+    parser.add_argument("--batch", type=int, nargs="+", help="PIIP batch sizes (default 2 8 on CUDA, 2 on CPU)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--reps", type=int, help="timed repetitions (default 100 on CUDA, 5 on CPU, 3 with --quick)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--json", type=Path, help="output file (default benchmarks/out/msda_<device>.json)")
+    args = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batches = args.batch or ([2] if device == "cpu" or args.quick else [2, 8])
+    reps = args.reps or (100 if device == "cuda" else 3 if args.quick else 5)
+    dtype = getattr(torch, args.dtype)
+    hbm = _hbm_tbps(device)
+
+    def ours(backend: str):
+        return lambda v, s, lo, a: multi_scale_deformable_attention(v, s, None, lo, a, backend=backend)
+
+    # Factories: every shape gets fresh compiled functions (no recompile limits, no dynamic-shape graphs).
+    paths: list[tuple[str, Callable[[], Callable] | None, str]] = [
+        ("grid_sample reference (eager)", lambda: reference, ""),
+        ("torch path (eager)", lambda: ours("torch"), ""),
+    ]
+    if not args.no_compile:
+        if not args.quick:  # Inductor compiles C++ for the reference: minutes on a small CPU.
+            paths.insert(1, ("grid_sample reference (compile)", lambda: torch.compile(reference, dynamic=False), ""))
+        paths.append(("torch path (compile)", lambda: torch.compile(ours("torch"), fullgraph=True, dynamic=False), ""))
+    try:
+        import triton  # noqa: F401
+
+        triton_ok = device == "cuda"
+    except ImportError:
+        triton_ok = False
+    triton_row = (lambda: ours("triton")) if triton_ok else None
+    paths.append(("triton (eager)", triton_row, "" if triton_ok else "n/a (no CUDA)"))
+
+    rows: list[Row] = []
+    for name in args.shapes:
+        # The encoder shape is ~10x the PIIP ones: batch 2, or 1 with --quick on CPU.
+        for batch in ([1 if args.quick and device == "cpu" else 2] if name == "detr-enc" else batches):
+            inputs = make_inputs(name, batch, dtype, device)
+            torch.compiler.reset()  # compiled rows of earlier shapes count towards the recompile limit
+            for path, fn, note in paths:
+                if fn is None:
+                    row = Row(shape=name, batch=batch, path=path, note=note)
+                else:
+                    row = bench_path(path, fn(), inputs, reps, 1, device, hbm)
+                    row.shape = name
+                rows.append(row)
+                print(f"  {name} b{batch} {path}: fwd+bwd {_fmt(row.fwd_bwd_ms)} ms", flush=True)
+            del inputs
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+    # Ratios of the PyTorch path (and Triton) against the eager grid_sample reference.
+    by_key = {(r.shape, r.batch, r.path): r for r in rows}
+    for row in rows:
+        base = by_key.get((row.shape, row.batch, "grid_sample reference (eager)"))
+        if base is not None and row.fwd_ms is not None and row is not base:
+            row.extra = {
+                "fwd_speedup": base.fwd_ms / row.fwd_ms,
+                "fwd_bwd_speedup": base.fwd_bwd_ms / row.fwd_bwd_ms,
+                "fwd_peak_ratio": base.fwd_peak_mib / max(row.fwd_peak_mib, 1e-9),
+                "fwd_bwd_peak_ratio": base.fwd_bwd_peak_mib / max(row.fwd_bwd_peak_mib, 1e-9),
+            }
+
+    device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.processor() or 'x86'}"
+    print(f"\nMSDA benchmark on {device_name} ({torch.get_num_threads()} threads), value {args.dtype}, "
+          f"locations/weights float32, median of {reps}; peak = MiB allocated above the inputs")
+    header = (f"{'shape':9} {'b':>2} {'path':32} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8} {'fwd MiB':>8} "
+              f"{'f+b MiB':>8} {'f+b GB/s':>8} {'%HBM':>5}  {'vs ref: f+b time / f+b mem':>26}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ratio = ""
+        if r.extra:
+            ratio = f"{r.extra['fwd_bwd_speedup']:.2f}x / {r.extra['fwd_bwd_peak_ratio']:.1f}x less"
+        print(f"{r.shape:9} {r.batch:>2} {r.path:32} {_fmt(r.fwd_ms):>8} {_fmt(r.bwd_ms):>8} {_fmt(r.fwd_bwd_ms):>8} "
+              f"{_fmt(r.fwd_peak_mib):>8} {_fmt(r.fwd_bwd_peak_mib):>8} {_fmt(r.fwd_bwd_gbps):>8} "
+              f"{_fmt(r.fwd_bwd_pct_hbm, '.0f') if hbm else 'n/a':>5}  {ratio or r.note:>26}")
+
+    out = args.json or Path(__file__).resolve().parent / "out" / f"msda_{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "dtype": args.dtype, "reps": reps, "hbm_tbps": hbm}
+    out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1, default=_json_default))
+    print(f"\nwrote {out}")
+
+
+def _json_default(x):
+    return None if isinstance(x, float) and math.isnan(x) else str(x)
+
+
+if __name__ == "__main__":
+    main()
