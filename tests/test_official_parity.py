@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from piip_models.official import build_from_official
 from piip_models.weights import checkpoint_filter_fn
 
-from .conftest import require_fixture
+from .conftest import capture_intermediates, require_fixture
 
 CLS_FIXTURES = [
     "cls_2branch_small",
@@ -21,33 +21,6 @@ CLS_FIXTURES = [
     "cls_4branch_small",
 ]
 TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-def _capture(model):
-    """Hooks recording what the fixtures recorded: branch images, branch logits, tokens, cls tokens, deform inputs."""
-    records: dict[str, torch.Tensor] = {}
-    handles = []
-    for k, branch in enumerate(model.branches):
-        handles.append(branch.patch_embed.register_forward_pre_hook(
-            lambda m, args, k=k: records.__setitem__(f"branch{k + 1}.image", args[0])))
-        handles.append(branch.head.register_forward_hook(
-            lambda m, args, out, k=k: records.__setitem__(f"branch{k + 1}.logits", out)))
-        for i, (_, end) in enumerate(model.segments[k]):
-            handles.append(branch.blocks[end].register_forward_hook(
-                lambda m, args, out, k=k, i=i: records.__setitem__(f"interaction{i}.cls{k + 1}", out[:, :1])))
-    for i, block in enumerate(model.interactions):
-        handles.append(block.register_forward_hook(
-            lambda m, args, out, i=i: records.update({f"interaction{i}.x{k + 1}": t for k, t in enumerate(out)})))
-    for u, unit in enumerate(model.interactions[0].units):
-        for side in ("branch2to1", "branch1to2"):
-            attn = getattr(unit, f"{side}_injector").attn
-            prefix = f"deform.interaction_units_{u + 1}{u + 2}.{side}."
-            handles.append(attn.register_forward_pre_hook(
-                lambda m, args, prefix=prefix: records.update({
-                    prefix + "reference_points": args[1],
-                    prefix + "spatial_shapes": torch.tensor(args[3]),
-                })))
-    return records, handles
 
 
 @pytest.mark.parametrize("name", CLS_FIXTURES)
@@ -60,7 +33,7 @@ def test_classification_fixture(name):
     assert not missing and not unexpected
     io = load_file(path / "io.safetensors")
 
-    records, handles = _capture(model)
+    records, handles = capture_intermediates(model)
     with torch.no_grad():
         logits = model(io["input"])
     for handle in handles:

@@ -13,33 +13,62 @@ __all__ = ["branch_cfg_from_official", "model_kwargs_from_official", "build_from
 _VIT_ARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
 
 
-def branch_cfg_from_official(branch: Mapping[str, Any]) -> BranchCfg:
-    """Maps one official ``branch{k}`` dict (``vit_models`` / DeiT or ``InternViT6B`` / AugReg type) to a BranchCfg.
+def _is_deit_type(branch: Mapping[str, Any]) -> bool:
+    """The official code picks ``vit_models`` (DeiT) by ``model_type`` (classification) or, in detection, by the
+    substring ``deit`` in the ``pretrained`` path; everything else is the ``InternViT6B`` (AugReg-style) class."""
+    if "model_type" in branch:
+        return branch["model_type"] == "deit"
+    return branch.get("pretrained") is None or "deit" in str(branch["pretrained"]).lower()
 
-    DeiT-type branches always carry LayerScale gammas (``init_scale``) and a position embedding without a class
-    slot; AugReg-type branches keep the class slot and use LayerScale only when ``init_values`` is set.
+
+def _windows(branch: Mapping[str, Any]) -> tuple[int, tuple[int, ...]]:
+    flags = branch.get("window_attn") or []
+    sizes = branch.get("window_size") or []
+    if not any(flags):
+        return 0, ()
+    windowed = {size for flag, size in zip(flags, sizes) if flag}
+    if len(windowed) != 1:
+        raise ValueError(f"one window size per branch is supported, got {sorted(windowed)}")
+    return windowed.pop(), tuple(i for i, flag in enumerate(flags) if not flag)
+
+
+def branch_cfg_from_official(branch: Mapping[str, Any]) -> BranchCfg:
+    """Maps one official ``branch{k}`` dict (classification or detection) to a BranchCfg.
+
+    DeiT-type branches always carry LayerScale gammas (``init_scale``), a position embedding without a class slot
+    and a constant drop-path rate; AugReg-type (``InternViT6B``) branches keep the class slot, use LayerScale only
+    with ``init_values`` and, in detection configs, a linear drop-path schedule.
     """
+    if branch.get("qk_normalization") or branch.get("norm_layer_type", "LayerNorm") != "LayerNorm":
+        raise ValueError("InternViT-6B-style branches (qk-norm, RMSNorm) are not supported by this translation")
+    dense = "real_size" in branch
     model_args = {k: branch[k] for k in _VIT_ARGS if k in branch}
-    if branch.get("model_type", "deit") == "augreg":
+    if _is_deit_type(branch):
+        model_args.update(init_values=branch.get("init_scale", 1.0), no_embed_class=True)
+        drop_path_mode = "constant"
+    else:
         if branch.get("init_values"):
             model_args["init_values"] = branch["init_values"]
-    else:
-        model_args.update(init_values=branch.get("init_scale", 1.0), no_embed_class=True)
-    segments = tuple((int(start), int(end)) for start, end in branch["interaction_indexes"])
+        drop_path_mode = "linear" if dense else "constant"
+    window_size, global_blocks = _windows(branch)
     return BranchCfg(
         "vit_base_patch16_224",
-        int(branch["img_size"]),
-        segments,
+        int(branch["real_size"] if dense else branch["img_size"]),
+        tuple((int(start), int(end)) for start, end in branch["interaction_indexes"]),
         float(branch.get("drop_path_rate", 0.0)),
+        drop_path_mode,
         model_args=model_args,
+        pos_embed_size=int(branch["pretrain_img_size"]) if dense else None,
+        window_size=window_size,
+        global_blocks=global_blocks,
     )
 
 
 def model_kwargs_from_official(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Maps the constructor kwargs of an official classification ``PIIP{Two,Three,Four}Branch`` to PIIP kwargs."""
+    """Maps the constructor kwargs of an official ``PIIP{Two,Three,Four}Branch`` (classification or detection
+    backbone) to PIIP kwargs."""
     branch_keys = sorted((k for k in config if k.startswith("branch") and k[6:].isdigit()), key=lambda k: int(k[6:]))
     branches = [config[k] for k in branch_keys]
-    separate = bool(config.get("separate_head", False))
     interaction = InteractionCfg(
         num_heads=config.get("deform_num_heads", 16),
         n_points=config.get("n_points", 4),
@@ -50,9 +79,17 @@ def model_kwargs_from_official(config: Mapping[str, Any]) -> dict[str, Any]:
         with_proj=config.get("interaction_proj", True),
         with_norm=config.get("norm_layer", "layer_norm") != "none",
     )
+    kwargs: dict[str, Any] = dict(
+        branches=tuple(branch_cfg_from_official(b) for b in branches), interaction=interaction
+    )
+    if "real_size" in branches[0]:
+        if not config.get("with_simple_fpn", True):
+            raise ValueError("regular-FPN (intermediate merging) configs are not supported by this translation")
+        return dict(kwargs, head_type="dense", class_token=False, num_classes=0, global_pool="avg", with_fpn=True,
+                    fpn_levels=(1, 2, 3) if config.get("is_dino") else (0, 1, 2, 3))
+    separate = bool(config.get("separate_head", False))
     return dict(
-        branches=tuple(branch_cfg_from_official(b) for b in branches),
-        interaction=interaction,
+        kwargs,
         num_classes=int(config.get("num_classes", 1000)),
         head_type="separate" if separate else "merged",
         global_pool="first_patch" if separate else "avg",
@@ -61,5 +98,5 @@ def model_kwargs_from_official(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_from_official(config: Mapping[str, Any], **kwargs: Any) -> PIIP:
-    """Builds the PIIP equivalent of an official classification model config (random init)."""
+    """Builds the PIIP equivalent of an official model config (random init)."""
     return PIIP(**{**model_kwargs_from_official(config), **kwargs})

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import timm
@@ -45,8 +45,9 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 
-from .layers.interaction import BranchGeometry, InteractionBlock, init_interaction_weights
+from .layers.interaction import BranchGeometry, InteractionBlock, init_piip_weights
 from .layers.msdeform_attn import reference_points
+from .layers.window_attention import WindowPadding, block_forward
 from .weights import branch_checkpoint_filter_fn, checkpoint_filter_fn
 
 __all__ = ["PIIP", "BranchCfg", "InteractionCfg", "even_segments"]
@@ -80,6 +81,10 @@ class BranchCfg:
             the rate over depth).
         model_args: Extra keyword arguments for ``timm.create_model`` (e.g. ``init_values=1.0`` for DeiT v1 with
             LayerScale, ``no_embed_class=True`` for a position embedding without a class slot).
+        pos_embed_size: Image size whose patch grid stores the position embedding (the pretraining size of the
+            detection configs); ``img_size`` when None. It is resampled to the actual grid on every forward.
+        window_size: Attention window in tokens (0: global attention in every block).
+        global_blocks: Blocks that keep global attention when ``window_size`` is set.
     """
 
     model_name: str
@@ -88,6 +93,9 @@ class BranchCfg:
     drop_path_rate: float = 0.0
     drop_path_mode: Literal["constant", "linear"] = "constant"
     model_args: dict[str, Any] = field(default_factory=dict)
+    pos_embed_size: int | None = None
+    window_size: int = 0
+    global_blocks: tuple[int, ...] = ()
 
 
 def even_segments(depth: int, num_segments: int) -> tuple[tuple[int, int], ...]:
@@ -98,43 +106,66 @@ def even_segments(depth: int, num_segments: int) -> tuple[tuple[int, int], ...]:
     return tuple((bounds[i], bounds[i + 1] - 1) for i in range(num_segments))
 
 
-class BranchMerge(nn.Module):
-    """GroupNorm, then (with ``project``) a Linear to the merge width and a second GroupNorm."""
+class ChannelsLast(nn.Module):
+    """Permutes NCHW to NHWC (``inverse``: back), so Linear layers can act on channels inside a Sequential."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        project: bool,
-        num_groups: int = 32,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, inverse: bool = False) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
-        if not project and in_dim != out_dim:
-            raise ValueError(f"an unprojected merge keeps its width, got {in_dim} -> {out_dim}")
-        for width in (in_dim, out_dim):
-            if width % num_groups:
-                raise ValueError(f"merged head needs branch widths divisible by {num_groups}, got {width}")
-        self.norm_in = nn.GroupNorm(num_groups, in_dim, **dd)
-        self.proj = nn.Linear(in_dim, out_dim, **dd) if project else None
-        self.norm_out = nn.GroupNorm(num_groups, out_dim, **dd) if project else None
+        self.dims = (0, 3, 1, 2) if inverse else (0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm_in(x)
-        if self.proj is not None:
-            x = self.norm_out(self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
-        return x
+        return x.permute(*self.dims)
+
+
+def _group_norm(channels: int, dd: dict[str, Any]) -> nn.GroupNorm:
+    if channels % 32:
+        raise ValueError(f"branch merges use GroupNorm(32, C) and need widths divisible by 32, got {channels}")
+    return nn.GroupNorm(32, channels, **dd)
+
+
+def classification_merge(in_dim: int, out_dim: int, project: bool, dd: dict[str, Any]) -> nn.Sequential:
+    """GroupNorm, then (``project``) Linear to the merge width and GroupNorm: the official classification merge."""
+    if not project:
+        return nn.Sequential(_group_norm(in_dim, dd))
+    linear = nn.Linear(in_dim, out_dim, **dd)
+    return nn.Sequential(
+        _group_norm(in_dim, dd), ChannelsLast(), linear, ChannelsLast(inverse=True), _group_norm(out_dim, dd)
+    )
+
+
+def dense_merge(in_dim: int, out_dim: int, dd: dict[str, Any]) -> nn.Sequential:
+    """Two Conv3x3-GroupNorm-ReLU layers to the merge width: the official detection/segmentation merge."""
+    return nn.Sequential(
+        nn.Conv2d(in_dim, out_dim, 3, padding=1, bias=False, **dd), _group_norm(out_dim, dd), nn.ReLU(),
+        nn.Conv2d(out_dim, out_dim, 3, padding=1, bias=False, **dd), _group_norm(out_dim, dd), nn.ReLU(),
+    )
+
+
+def simple_feature_pyramid(dim: int, levels: Sequence[int], dd: dict[str, Any]) -> nn.ModuleDict:
+    """ViTDet-style maps at 1/4, 1/2, 1 and 2 times the input stride (``p2`` .. ``p5``), for the chosen levels."""
+    builders = {
+        0: lambda: nn.Sequential(
+            nn.ConvTranspose2d(dim, dim, 2, 2, **dd), _group_norm(dim, dd), nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, 2, **dd),
+        ),
+        1: lambda: nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2, **dd)),
+        2: nn.Identity,
+        3: lambda: nn.MaxPool2d(2, 2),
+    }
+    if not levels or any(level not in builders for level in levels) or list(levels) != sorted(set(levels)):
+        raise ValueError(f"fpn_levels must be increasing indices in 0..3 (strides x1/4, x1/2, x1, x2), got {levels}")
+    return nn.ModuleDict({f"p{level + 2}": builders[level]() for level in levels})
 
 
 class PIIP(nn.Module):
-    """Parameter-Inverted Image Pyramid classifier built from timm Vision Transformers.
+    """Parameter-Inverted Image Pyramid network built from timm Vision Transformers.
 
     Branch ``k`` (0-based) is a timm ViT that sees the input resized by ``branch_sizes[k] / branch_sizes[-1]``;
     branch 0 is the largest model on the smallest image. ``forward_features`` returns an NCHW map on the last
-    (finest) branch grid: the weighted merge of all branches (``head_type='merged'``), or the concatenation of each
-    branch's normalised tokens resized to that grid (``head_type='separate'``, the released checkpoints).
+    (finest) branch grid: the concatenation of each branch's normalised tokens resized to that grid
+    (``head_type='separate'``, the released classifiers), or the weighted merge of all branches (``'merged'``:
+    GroupNorm/Linear merges; ``'dense'``: the detection/segmentation conv merges, whose simple feature pyramid is
+    exposed through ``forward_intermediates`` and ``features_only``).
     """
 
     def __init__(
@@ -144,27 +175,38 @@ class PIIP(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         global_pool: Literal["first_patch", "avg", ""] = "avg",
-        head_type: Literal["separate", "merged"] = "separate",
+        head_type: Literal["separate", "merged", "dense"] = "separate",
         class_token: bool = True,
         img_size: int | tuple[int, int] | None = None,
         branch_sizes: Sequence[int] | None = None,
+        window_padding: WindowPadding = "before_qkv",
+        with_fpn: bool = False,
+        fpn_levels: Sequence[int] = (0, 1, 2, 3),
         drop_rate: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         """
         Args:
-            branches: Branch configs, largest model (smallest image) first.
+            branches: Branch configs, largest model (smallest image) first; a single branch makes a plain ViT
+                baseline with the same heads.
             interaction: Interaction hyper-parameters.
             num_classes: Classes of the head (0 for features only).
             in_chans: Input channels.
             global_pool: ``'first_patch'`` reads each branch's first patch token (the official separate-head
                 readout), ``'avg'`` averages the feature map, ``''`` keeps it.
-            head_type: ``'separate'`` (a head per branch, logits averaged) or ``'merged'`` (GroupNorm/Linear merge,
-                learnable branch weights, LayerNorm, mean, Linear).
+            head_type: ``'separate'`` (a head per branch, logits averaged), ``'merged'`` (GroupNorm/Linear merge,
+                learnable branch weights, LayerNorm, mean, Linear) or ``'dense'`` (conv merges, learnable branch
+                weights and a simple feature pyramid, for detection and segmentation).
             class_token: Give each branch a class token (no position embedding, skips the interactions).
             img_size: Input size; scales the branch sizes proportionally when ``branch_sizes`` is not given.
             branch_sizes: Explicit branch resolutions, smallest (branch 0) first.
+            window_padding: Where windowed attention zero-pads: ``'before_qkv'`` (released configs) or
+                ``'after_qkv'`` (the official non-flash DeiT path).
+            with_fpn: Build the dense head's simple feature pyramid; its levels become the feature taps
+                (``features_only=True`` turns it on for dense models). Without it the taps are interaction stages.
+            fpn_levels: Pyramid levels, indices of strides ``(1/4, 1/2, 1, 2) x`` the last branch's patch size;
+                ``(1, 2, 3)`` for DINO.
             drop_rate: Dropout before the classifier.
             device: Parameter device.
             dtype: Parameter dtype.
@@ -172,20 +214,27 @@ class PIIP(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         branches = tuple(branches)
-        if len(branches) < 2:
-            raise ValueError(f"a pyramid needs at least 2 branches, got {len(branches)}")
-        if head_type not in ("separate", "merged"):
-            raise ValueError(f"head_type must be 'separate' or 'merged', got {head_type!r}")
+        if not branches:
+            raise ValueError("a pyramid needs at least one branch")
+        if head_type not in ("separate", "merged", "dense"):
+            raise ValueError(f"head_type must be 'separate', 'merged' or 'dense', got {head_type!r}")
+        if with_fpn and head_type != "dense":
+            raise ValueError(f"with_fpn needs head_type='dense', got {head_type!r}")
+        if window_padding not in ("before_qkv", "after_qkv"):
+            raise ValueError(f"window_padding must be 'before_qkv' or 'after_qkv', got {window_padding!r}")
         sizes = self._resolve_sizes(branches, img_size, branch_sizes)
         num_segments = {len(b.segments) for b in branches}
         if len(num_segments) != 1:
             counts = ", ".join(f"branch {k}: {len(b.segments)}" for k, b in enumerate(branches))
             raise ValueError(f"every branch needs the same number of block segments ({counts})")
+        if class_token and any(b.window_size for b in branches):
+            raise ValueError("windowed attention works on the patch grid alone; build the model with class_token=False")
 
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.head_type = head_type
         self.branch_sizes = sizes
+        self.window_padding = window_padding
         self.grad_checkpointing = False
         self.branches = nn.ModuleList(
             self._build_branch(k, cfg, size, num_classes, in_chans, class_token, head_type == "separate", dd)
@@ -194,6 +243,10 @@ class PIIP(nn.Module):
         for k, (cfg, branch) in enumerate(zip(branches, self.branches)):
             self._check_segments(k, cfg.segments, len(branch.blocks))
         self.segments = tuple(cfg.segments for cfg in branches)
+        self.windows = tuple(
+            tuple(0 if i in cfg.global_blocks else cfg.window_size for i in range(len(branch.blocks)))
+            for cfg, branch in zip(branches, self.branches)
+        )
         self.embed_dims = tuple(branch.embed_dim for branch in self.branches)
         if any(a < b for a, b in zip(self.embed_dims, self.embed_dims[1:])):
             raise ValueError(
@@ -218,28 +271,42 @@ class PIIP(nn.Module):
             InteractionBlock(self.embed_dims, with_proj=interaction.with_proj, **injector_kwargs, **dd)
             for _ in range(num_segments.pop())
         )
-        self.interactions.apply(init_interaction_weights)
+        self.interactions.apply(init_piip_weights)
 
         self.head_drop = nn.Dropout(drop_rate)
-        if head_type == "merged":
-            merge_dim = self.embed_dims[0]
-            self.merges = nn.ModuleList(
-                BranchMerge(dim, merge_dim, project=k > 0, **dd) for k, dim in enumerate(self.embed_dims)
-            )
-            self.branch_weights = nn.Parameter(torch.ones(len(branches), **dd))
-            self.head_norm = nn.LayerNorm(merge_dim, eps=1e-6, **dd)
-            self.head = nn.Linear(merge_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-            self.num_features = self.head_hidden_size = merge_dim
-            self.merges.apply(init_interaction_weights)
-            self.head.apply(init_interaction_weights)
-        else:
+        merge_dim = self.embed_dims[0]
+        self.merges = self.branch_weights = self.fpn = None
+        if head_type == "separate":
             self.num_features = self.head_hidden_size = sum(self.embed_dims)
+        else:
+            if len(branches) > 1:
+                self.merges = nn.ModuleList(
+                    classification_merge(dim, merge_dim, k > 0, dd) if head_type == "merged" else
+                    dense_merge(dim, merge_dim, dd)
+                    for k, dim in enumerate(self.embed_dims)
+                )
+                self.branch_weights = nn.Parameter(torch.ones(len(branches), **dd))
+                self.merges.apply(init_piip_weights)
+            self.head_norm = nn.LayerNorm(merge_dim, eps=1e-6, **dd) if head_type == "merged" else nn.Identity()
+            self.head = nn.Linear(merge_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+            self.head.apply(init_piip_weights)
+            self.num_features = self.head_hidden_size = merge_dim
         self._check_pool(global_pool)
         self.global_pool = global_pool
-        self.feature_info = [
-            dict(num_chs=self.num_features, reduction=self.patch_sizes[-1][0], module=f"interactions.{i}")
-            for i in range(len(self.interactions))
-        ]
+
+        patch = self.patch_sizes[-1][0]
+        if with_fpn:
+            self.fpn = simple_feature_pyramid(merge_dim, fpn_levels, dd)
+            self.fpn.apply(init_piip_weights)
+            self.feature_info = [
+                dict(num_chs=merge_dim, reduction=int(patch * 2.0 ** (level - 2)), module=f"fpn.p{level + 2}")
+                for level in fpn_levels
+            ]
+        else:
+            self.feature_info = [
+                dict(num_chs=self.num_features, reduction=patch, module=f"interactions.{i}")
+                for i in range(len(self.interactions))
+            ]
 
     @staticmethod
     def _resolve_sizes(
@@ -289,7 +356,7 @@ class PIIP(nn.Module):
         branch = timm.create_model(
             cfg.model_name,
             pretrained=False,
-            img_size=img_size,
+            img_size=cfg.pos_embed_size or img_size,
             in_chans=in_chans,
             num_classes=num_classes if with_head else 0,
             global_pool="",
@@ -368,15 +435,22 @@ class PIIP(nn.Module):
         return branch.norm_pre(x), prefix_tokens, geometry
 
     def _run_segment(
-        self, index: int, segment: int, tokens: torch.Tensor, prefix: torch.Tensor | None
+        self, index: int, segment: int, tokens: torch.Tensor, prefix: torch.Tensor | None, geom: BranchGeometry
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         start, end = self.segments[index][segment]
         blocks = self.branches[index].blocks[start:end + 1]
+        windows = self.windows[index][start:end + 1]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            for block, window in zip(blocks, windows):
+                x = block_forward(block, x, (geom.height, geom.width), window, self.window_padding)
+            return x
+
         x = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
         if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(blocks, x, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
         else:
-            x = blocks(x)
+            x = run(x)
         if prefix is None:
             return x, None
         return x[:, prefix.shape[1]:], x[:, :prefix.shape[1]]
@@ -398,7 +472,7 @@ class PIIP(nn.Module):
         intermediates = []
         for stage, interaction in enumerate(self.interactions[:last_stage + 1]):
             for k in range(len(self.branches)):
-                tokens[k], prefixes[k] = self._run_segment(k, stage, tokens[k], prefixes[k])
+                tokens[k], prefixes[k] = self._run_segment(k, stage, tokens[k], prefixes[k], geoms[k])
             if checkpointing:
                 tokens = torch.utils.checkpoint.checkpoint(interaction, tokens, geoms, use_reentrant=False)
             else:
@@ -423,7 +497,7 @@ class PIIP(nn.Module):
         """Fuses branch tokens into one NCHW map on the last branch's grid.
 
         Separate heads concatenate each branch's (final-normed when ``norm``) tokens, upsampled to that grid; the
-        merged head applies the branch merges and the learnable branch weights.
+        merged and dense heads apply the branch merges and the learnable branch weights.
         """
         target = (geoms[-1].height, geoms[-1].width)
         maps = []
@@ -431,7 +505,7 @@ class PIIP(nn.Module):
             if self.head_type == "separate" and norm:
                 t = self.branches[k].norm(t)
             feature_map = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], geom.height, geom.width)
-            if self.head_type == "merged":
+            if self.merges is not None:
                 feature_map = self.merges[k](feature_map)
             if (geom.height, geom.width) != target:
                 # Upsampled in fp32 as the reference does; a smaller grid's top-left cell maps exactly onto the target.
@@ -441,11 +515,20 @@ class PIIP(nn.Module):
             maps.append(feature_map)
         if self.head_type == "separate":
             return torch.cat(maps, dim=1)
+        if self.branch_weights is None:
+            return maps[0]
         return sum(w * m for w, m in zip(self.branch_weights.unbind(0), maps))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image to the ``(B, num_features, H, W)`` feature map on the last branch's token grid."""
         return self.fuse(*self.forward_branches(x))
+
+    def forward_pyramid(self, features: torch.Tensor, levels: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The dense head's feature pyramid (``p2`` .. ``p5``) of a :meth:`forward_features` map."""
+        if self.fpn is None:
+            raise RuntimeError("this model has no feature pyramid; build a dense model with with_fpn=True")
+        names = list(self.fpn.keys()) if levels is None else [list(self.fpn.keys())[i] for i in levels]
+        return [self.fpn[name](features) for name in names]
 
     def forward_intermediates(
         self,
@@ -456,13 +539,13 @@ class PIIP(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Fused feature maps after selected interaction stages.
+        """Feature taps: fused maps after interaction stages, or the dense head's pyramid levels.
 
         Args:
             x: Input image.
-            indices: Last ``n`` stages (int), the listed stages, or all (None).
-            norm: Apply the branches' final norms to the taps (separate heads).
-            stop_early: Stop after the last selected stage.
+            indices: Last ``n`` taps (int), the listed taps, or all (None).
+            norm: Apply the branches' final norms to stage taps (separate heads).
+            stop_early: Stop after the last selected stage (stage taps).
             output_fmt: Only ``'NCHW'``.
             intermediates_only: Return the taps alone.
 
@@ -471,7 +554,11 @@ class PIIP(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.interactions), indices)
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        if self.fpn is not None:
+            features = self.forward_features(x)
+            intermediates = self.forward_pyramid(features, take_indices)
+            return intermediates if intermediates_only else (features, intermediates)
         last_stage = max_index if stop_early or intermediates_only else None
         tokens, geoms, intermediates = self._forward_stages(x, take_indices, last_stage, norm)
         if intermediates_only:
@@ -484,16 +571,22 @@ class PIIP(nn.Module):
         prune_norm: bool = False,
         prune_head: bool = True,
     ) -> list[int]:
-        """Drops the stages after the last selected one (and optionally the final norms and the head)."""
-        take_indices, max_index = feature_take_indices(len(self.interactions), indices)
-        self.interactions = self.interactions[:max_index + 1]
-        self.segments = tuple(segs[:max_index + 1] for segs in self.segments)
-        for branch, segs in zip(self.branches, self.segments):
-            branch.blocks = branch.blocks[:segs[-1][1] + 1]
-            if prune_norm:
-                branch.norm = nn.Identity()
+        """Drops what the selected taps do not need: later stages (stage taps) or unselected pyramid levels."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        if self.fpn is not None:
+            names = list(self.fpn.keys())
+            self.fpn = nn.ModuleDict({names[i]: self.fpn[names[i]] for i in take_indices})
+            self.feature_info = [self.feature_info[i] for i in take_indices]
+            take_indices = list(range(len(take_indices)))
+        else:
+            self.interactions = self.interactions[:max_index + 1]
+            self.segments = tuple(segs[:max_index + 1] for segs in self.segments)
+            for branch, segs in zip(self.branches, self.segments):
+                branch.blocks = branch.blocks[:segs[-1][1] + 1]
+                if prune_norm:
+                    branch.norm = nn.Identity()
         if prune_head:
-            if self.head_type == "merged":
+            if self.head_type != "separate":
                 self.head_norm = nn.Identity()
             self.reset_classifier(0, "")
         return take_indices
@@ -505,14 +598,13 @@ class PIIP(nn.Module):
             x: Output of :meth:`forward_features`.
             pre_logits: Return the pooled features instead of logits.
         """
-        if self.head_type == "merged":
+        if self.head_type != "separate":
             x = self.head_norm(x.permute(0, 2, 3, 1))
             if self.global_pool == "avg":
                 x = x.mean(dim=(1, 2))
             x = self.head_drop(x)
-            if pre_logits:
-                return x if self.global_pool else x.permute(0, 3, 1, 2)
-            x = self.head(x)
+            if not pre_logits:
+                x = self.head(x)
             return x if self.global_pool else x.permute(0, 3, 1, 2)
 
         if self.global_pool == "first_patch":
@@ -532,7 +624,7 @@ class PIIP(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module | tuple[nn.Module, ...]:
-        if self.head_type == "merged":
+        if self.head_type != "separate":
             return self.head
         return tuple(branch.head for branch in self.branches)
 
@@ -553,7 +645,7 @@ class PIIP(nn.Module):
         def new_head(dim: int) -> nn.Module:
             return nn.Linear(dim, num_classes, **dd).train(self.training) if num_classes > 0 else nn.Identity()
 
-        if self.head_type == "merged":
+        if self.head_type != "separate":
             self.head = new_head(self.num_features)
         else:
             for branch in self.branches:
@@ -619,9 +711,14 @@ def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
     cache_dir = kwargs.pop("cache_dir", None)
     # Without a full PIIP checkpoint, pretrained=True means "pretrained branches, fresh interactions".
     load_branches = pretrained and not pretrained_cfg.has_weights
-    num_stages = len(kwargs["branches"][0].segments)
-    # Four evenly spaced interaction stages, the last one included, as ViT-Adapter-style pyramids tap them.
-    out_indices = tuple(sorted({max(0, round(num_stages * (i + 1) / 4) - 1) for i in range(4)}))
+    if kwargs.get("head_type") == "dense" and kwargs.get("features_only"):
+        kwargs.setdefault("with_fpn", True)
+    if kwargs.get("with_fpn"):
+        out_indices = tuple(range(len(kwargs.get("fpn_levels", (0, 1, 2, 3)))))  # every pyramid level
+    else:
+        # Four evenly spaced interaction stages, the last one included, as ViT-Adapter-style pyramids tap them.
+        num_stages = len(kwargs["branches"][0].segments)
+        out_indices = tuple(sorted({max(0, round(num_stages * (i + 1) / 4) - 1) for i in range(4)}))
     model = build_model_with_cfg(
         PIIP,
         variant,
@@ -660,11 +757,37 @@ def _cfg(input_size: int, num_branches: int, head_type: str = "separate", **kwar
 
 _BRANCH_INIT_NOTE = "timm-pretrained branches with zero-initialised interactions (pretrained=True loads the branches)"
 
+# Detection configs normalise to [-1, 1] (mean = std = 127.5); the DINO config uses ImageNet statistics.
+_DET_NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def _dense_cfg(input_size: int, num_branches: int, **kwargs) -> dict[str, Any]:
+    kwargs = {**_DET_NORM, **kwargs}
+    return _cfg(input_size, num_branches, "dense", num_classes=0, notes=(_BRANCH_INIT_NOTE,), **kwargs)
+
+
 default_cfgs = generate_default_cfgs({
     "piip_tsb.branches": _cfg(368, 3, notes=(_BRANCH_INIT_NOTE,)),
     "piip_sbl.branches": _cfg(384, 3, notes=(_BRANCH_INIT_NOTE,)),
     "piip_sbl_320_160_96.branches": _cfg(320, 3, notes=(_BRANCH_INIT_NOTE,)),
     "piip_tsbl.branches": _cfg(384, 4, notes=(_BRANCH_INIT_NOTE,)),
+    "piip_tsb_1120_896_448.branches": _dense_cfg(1120, 3),
+    "piip_tsb_1568_896_448.branches": _dense_cfg(1568, 3),
+    "piip_tsb_1568_1120_672.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1120_672_448.branches": _dense_cfg(1120, 3),
+    "piip_sbl_1344_896_448.branches": _dense_cfg(1344, 3),
+    "piip_sbl_1568_896_672.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1568_1120_672.branches": _dense_cfg(1568, 3),
+    "piip_tsbl_1344_896_672_448.branches": _dense_cfg(1344, 4),
+    "piip_tsbl_1568_1120_672_448.branches": _dense_cfg(1568, 4),
+    "piip_tsbl_1792_1568_1120_448.branches": _dense_cfg(1792, 4),
+    "piip_sbl_1792_1120_672_dino.branches": _dense_cfg(1792, 3, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+    "piip_sbl_1568_1120_672_augreg.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1568_1120_672_augreg_speedup.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1568_1120_672_mae.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1568_1120_672_dinov2.branches": _dense_cfg(1568, 3),
+    "piip_baseline_vit_b_1024.branches": _dense_cfg(1024, 1),
+    "piip_baseline_vit_l_1024.branches": _dense_cfg(1024, 1),
 })
 
 
@@ -689,6 +812,65 @@ def _deit3(size: str, img_size: int, depth: int, drop_path_rate: float) -> Branc
 
 
 _OFFICIAL_CLS = dict(head_type="separate", global_pool="first_patch", class_token=True)
+_DENSE = dict(head_type="dense", class_token=False, num_classes=0, global_pool="avg")
+_DEIT3_DEPTHS = {"small": 12, "base": 12, "large": 24}
+
+
+def _deit3_det(
+    size: str, img_size: int, drop_path_rate: float, window: int, pretrain: int = 224, global_every: int = 0
+) -> BranchCfg:
+    """DeiT III (ImageNet-21k) detection branch: windowed attention, position embedding at the pretraining grid."""
+    depth = _DEIT3_DEPTHS[size]
+    return BranchCfg(
+        f"deit3_{size}_patch16_{pretrain}.fb_in22k_ft_in1k",
+        img_size,
+        even_segments(depth, 12),
+        drop_path_rate,
+        model_args=dict(init_values=1.0),
+        pos_embed_size=pretrain,
+        window_size=window,
+        global_blocks=tuple(range(global_every - 1, depth, global_every)) if global_every else (),
+    )
+
+
+def _deit1_det(img_size: int, window: int) -> BranchCfg:
+    return replace(_deit1("tiny", img_size, 0.05), pos_embed_size=224, window_size=window)
+
+
+def _internvit_det(
+    name: str, img_size: int, depth: int, drop_path_rate: float, pretrain: int, **model_args: Any
+) -> BranchCfg:
+    """AugReg / MAE / DINOv2 detection branch as the official ``InternViT6B`` class builds it: LayerScale from 1.0,
+    class slot kept in the position embedding, linear drop path, window 28, patch 16."""
+    return BranchCfg(
+        name,
+        img_size,
+        even_segments(depth, 12),
+        drop_path_rate,
+        "linear",
+        model_args=dict(init_values=1.0, patch_size=16, **model_args),
+        pos_embed_size=pretrain,
+        window_size=28,
+    )
+
+
+def _tsb_det(sizes: tuple[int, int, int]) -> tuple[BranchCfg, ...]:
+    return (_deit3_det("base", sizes[0], 0.15, 14), _deit3_det("small", sizes[1], 0.05, 14), _deit1_det(sizes[2], 14))
+
+
+def _sbl_det(sizes: tuple[int, int, int]) -> tuple[BranchCfg, ...]:
+    large, base, small = sizes
+    return (
+        _deit3_det("large", large, 0.4, 28), _deit3_det("base", base, 0.15, 28), _deit3_det("small", small, 0.05, 28)
+    )
+
+
+def _tsbl_det(sizes: tuple[int, int, int, int]) -> tuple[BranchCfg, ...]:
+    return _sbl_det(sizes[:3]) + (_deit1_det(sizes[3], 28),)
+
+
+def _dense(variant: str, branches: tuple[BranchCfg, ...], pretrained: bool, kwargs: dict[str, Any], **extra) -> PIIP:
+    return _create_piip(variant, pretrained, **dict(dict(branches=branches, **_DENSE, **extra), **kwargs))
 
 
 def _sbl(sizes: tuple[int, int, int]) -> tuple[BranchCfg, ...]:
@@ -730,6 +912,138 @@ def piip_tsbl(pretrained: bool = False, **kwargs) -> PIIP:
         _deit1("tiny", 384, 0.05),
     )
     return _create_piip("piip_tsbl", pretrained, **dict(dict(branches=branches, **_OFFICIAL_CLS), **kwargs))
+
+
+@register_model
+def piip_tsb_1120_896_448(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-TSB 1120/896/448 detection backbone: DeiT-T@1120, DeiT III-S@896, DeiT III-B@448, window 14."""
+    return _dense("piip_tsb_1120_896_448", _tsb_det((448, 896, 1120)), pretrained, kwargs)
+
+
+@register_model
+def piip_tsb_1568_896_448(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-TSB 1568/896/448 detection backbone: DeiT-T@1568, DeiT III-S@896, DeiT III-B@448, window 14."""
+    return _dense("piip_tsb_1568_896_448", _tsb_det((448, 896, 1568)), pretrained, kwargs)
+
+
+@register_model
+def piip_tsb_1568_1120_672(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-TSB 1568/1120/672 detection backbone: DeiT-T@1568, DeiT III-S@1120, DeiT III-B@672, window 14."""
+    return _dense("piip_tsb_1568_1120_672", _tsb_det((672, 1120, 1568)), pretrained, kwargs)
+
+
+@register_model
+def piip_sbl_1120_672_448(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 1120/672/448 detection backbone: DeiT III-S@1120, -B@672, -L@448, window 28."""
+    return _dense("piip_sbl_1120_672_448", _sbl_det((448, 672, 1120)), pretrained, kwargs)
+
+
+@register_model
+def piip_sbl_1344_896_448(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 1344/896/448 detection backbone: DeiT III-S@1344, -B@896, -L@448, window 28."""
+    return _dense("piip_sbl_1344_896_448", _sbl_det((448, 896, 1344)), pretrained, kwargs)
+
+
+@register_model
+def piip_sbl_1568_896_672(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 1568/896/672 detection backbone: DeiT III-S@1568, -B@896, -L@672, window 28."""
+    return _dense("piip_sbl_1568_896_672", _sbl_det((672, 896, 1568)), pretrained, kwargs)
+
+
+@register_model
+def piip_sbl_1568_1120_672(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 1568/1120/672 detection backbone: DeiT III-S@1568, -B@1120, -L@672, window 28."""
+    return _dense("piip_sbl_1568_1120_672", _sbl_det((672, 1120, 1568)), pretrained, kwargs)
+
+
+@register_model
+def piip_tsbl_1344_896_672_448(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-TSBL 1344/896/672/448 detection backbone: DeiT-T, DeiT III-S/B/L, window 28."""
+    return _dense("piip_tsbl_1344_896_672_448", _tsbl_det((448, 672, 896, 1344)), pretrained, kwargs)
+
+
+@register_model
+def piip_tsbl_1568_1120_672_448(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-TSBL 1568/1120/672/448 detection backbone: DeiT-T, DeiT III-S/B/L, window 28."""
+    return _dense("piip_tsbl_1568_1120_672_448", _tsbl_det((448, 672, 1120, 1568)), pretrained, kwargs)
+
+
+@register_model
+def piip_tsbl_1792_1568_1120_448(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-TSBL 1792/1568/1120/448 detection backbone: DeiT-T, DeiT III-S/B/L, window 28."""
+    return _dense("piip_tsbl_1792_1568_1120_448", _tsbl_det((448, 1120, 1568, 1792)), pretrained, kwargs)
+
+
+@register_model
+def piip_sbl_1792_1120_672_dino(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 1792/1120/672 DINO backbone: DeiT III (384) S/B/L, window 24 with global attention every 3rd block."""
+    branches = (
+        _deit3_det("large", 672, 0.4, 24, pretrain=384, global_every=3),
+        _deit3_det("base", 1120, 0.15, 24, pretrain=384, global_every=3),
+        _deit3_det("small", 1792, 0.05, 24, pretrain=384, global_every=3),
+    )
+    return _dense("piip_sbl_1792_1120_672_dino", branches, pretrained, kwargs, fpn_levels=(1, 2, 3))
+
+
+@register_model
+def piip_sbl_1568_1120_672_augreg(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 1568/1120/672 detection backbone from AugReg ViT-S/B/L (384), window 28."""
+    branches = (
+        _internvit_det("vit_large_patch16_384.augreg_in21k_ft_in1k", 672, 24, 0.4, 384),
+        _internvit_det("vit_base_patch16_384.augreg_in21k_ft_in1k", 1120, 12, 0.3, 384),
+        _internvit_det("vit_small_patch16_384.augreg_in21k_ft_in1k", 1568, 12, 0.2, 384),
+    )
+    return _dense("piip_sbl_1568_1120_672_augreg", branches, pretrained, kwargs)
+
+
+@register_model
+def piip_sbl_1568_1120_672_augreg_speedup(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 1568/1120/672 AugReg, faster variant: interactions without projections or norms, tanh-GELU MLPs."""
+    branches = (
+        _internvit_det("vit_large_patch16_384.augreg_in21k_ft_in1k", 672, 24, 0.4, 384, act_layer="gelu_tanh"),
+        _internvit_det("vit_base_patch16_384.augreg_in21k_ft_in1k", 1120, 12, 0.3, 384, act_layer="gelu_tanh"),
+        _internvit_det("vit_small_patch16_384.augreg_in21k_ft_in1k", 1568, 12, 0.2, 384, act_layer="gelu_tanh"),
+    )
+    interaction = InteractionCfg(with_proj=False, with_norm=False)
+    return _dense("piip_sbl_1568_1120_672_augreg_speedup", branches, pretrained, kwargs, interaction=interaction)
+
+
+@register_model
+def piip_sbl_1568_1120_672_mae(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 1568/1120/672 detection backbone: DeiT III-S, MAE ViT-B and ViT-L, window 28."""
+    branches = (
+        _internvit_det("vit_large_patch16_224.mae", 672, 24, 0.4, 224),
+        _internvit_det("vit_base_patch16_224.mae", 1120, 12, 0.15, 224),
+        _deit3_det("small", 1568, 0.05, 28),
+    )
+    return _dense("piip_sbl_1568_1120_672_mae", branches, pretrained, kwargs)
+
+
+@register_model
+def piip_sbl_1568_1120_672_dinov2(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 1568/1120/672 detection backbone from DINOv2 S/B/L (patch 14 resampled to 16), window 28."""
+    branches = (
+        _internvit_det("vit_large_patch14_dinov2.lvd142m", 672, 24, 0.4, 518),
+        _internvit_det("vit_base_patch14_dinov2.lvd142m", 1120, 12, 0.3, 518),
+        _internvit_det("vit_small_patch14_dinov2.lvd142m", 1568, 12, 0.2, 518),
+    )
+    return _dense("piip_sbl_1568_1120_672_dinov2", branches, pretrained, kwargs)
+
+
+@register_model
+def piip_baseline_vit_b_1024(pretrained: bool = False, **kwargs) -> PIIP:
+    """Single-branch DeiT III-B @1024 baseline: window 14, global attention every 3rd block, simple feature pyramid."""
+    branch = _deit3_det("base", 1024, 0.15, 14, global_every=3)
+    branch = replace(branch, segments=even_segments(12, 4))
+    return _dense("piip_baseline_vit_b_1024", (branch,), pretrained, kwargs)
+
+
+@register_model
+def piip_baseline_vit_l_1024(pretrained: bool = False, **kwargs) -> PIIP:
+    """Single-branch DeiT III-L @1024 baseline: window 14, global attention every 3rd block, simple feature pyramid."""
+    branch = _deit3_det("large", 1024, 0.4, 14, global_every=3)
+    branch = replace(branch, segments=even_segments(24, 4))
+    return _dense("piip_baseline_vit_l_1024", (branch,), pretrained, kwargs)
 
 
 def create_pyramid(

@@ -7,6 +7,7 @@ renamed to the timm-style names of :class:`piip_models.piip.PIIP`.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ __all__ = [
     "unwrap_state_dict",
 ]
 
+_logger = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("model", "module", "state_dict")
 
 
@@ -102,9 +104,10 @@ _OFFICIAL_RENAMES = (
     (re.compile(r"\.ffn\.dwconv\.dwconv\."), lambda m: ".ffn.dwconv."),
     (re.compile(r"\.ca_weight$"), lambda m: ".ca_gamma"),
     (re.compile(r"\.cffn_weight$"), lambda m: ".cffn_gamma"),
-    (re.compile(r"^merge_branch1\.(weight|bias)$"), lambda m: f"merges.0.norm_in.{m.group(1)}"),
-    (re.compile(r"^merge_branch(\d+)\.([024])\."),
-     lambda m: f"merges.{int(m.group(1)) - 1}.{ {'0': 'norm_in', '2': 'proj', '4': 'norm_out'}[m.group(2)] }."),
+    # classification merge of branch 1 is a bare GroupNorm; every other merge is a Sequential in both layouts
+    (re.compile(r"^merge_branch1\.(weight|bias)$"), lambda m: f"merges.0.0.{m.group(1)}"),
+    (re.compile(r"^merge_branch(\d+)\."), lambda m: f"merges.{int(m.group(1)) - 1}."),
+    (re.compile(r"^fpn([1-4])\."), lambda m: f"fpn.p{int(m.group(1)) + 1}."),
     (re.compile(r"^cls_norm\."), lambda m: "head_norm."),
     (re.compile(r"^cls_head\."), lambda m: "head."),
 )
@@ -142,10 +145,19 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torc
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PIIP) -> dict[str, torch.Tensor]:
-    """Loads piip-models or official PIIP checkpoints into ``model``, resampling position embeddings per branch."""
+    """Loads piip-models or official PIIP checkpoints into ``model``, resampling position embeddings per branch.
+
+    Pyramid levels the model does not build (no ``with_fpn``, or DINO's unused stride-4 level) are dropped and
+    logged.
+    """
     state_dict = unwrap_state_dict(state_dict)
     if is_official_layout(state_dict):
         state_dict = convert_official_state_dict(state_dict)
+    own_fpn = {k for k in model.state_dict() if k.startswith("fpn.")}
+    dropped = sorted(k for k in state_dict if k.startswith("fpn.") and k not in own_fpn)
+    if dropped:
+        _logger.info("dropped %d feature-pyramid tensors the model does not build: %s", len(dropped), dropped)
+        state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
     for k, branch in enumerate(model.branches):
         key = f"branches.{k}.pos_embed"
         if key in state_dict:

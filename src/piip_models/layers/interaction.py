@@ -11,7 +11,14 @@ from timm.layers import DropPath, trunc_normal_
 
 from .msdeform_attn import MSDeformAttn
 
-__all__ = ["BranchGeometry", "ConvFFN", "Injector", "BidirectionalInteractionUnit", "InteractionBlock"]
+__all__ = [
+    "BidirectionalInteractionUnit",
+    "BranchGeometry",
+    "ConvFFN",
+    "InteractionBlock",
+    "Injector",
+    "init_piip_weights",
+]
 
 
 @dataclass(frozen=True)
@@ -169,8 +176,9 @@ class InteractionBlock(nn.Module):
         return tokens
 
 
-def init_interaction_weights(module: nn.Module) -> None:
-    """Official interaction init: truncated-normal Linears, He-normal convs, then the deformable grid init."""
+def init_piip_weights(module: nn.Module) -> None:
+    """Official init of PIIP's own modules: truncated-normal Linears, He-normal (transposed) convs, unit norms,
+    then the deformable grid init (``Module.apply`` visits children first, so it runs last)."""
     if isinstance(module, nn.Linear):
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
@@ -178,7 +186,7 @@ def init_interaction_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d):
+    elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
         nn.init.normal_(module.weight, 0.0, (2.0 / fan_out) ** 0.5)
         if module.bias is not None:
