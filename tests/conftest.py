@@ -30,7 +30,7 @@ def _seed():
 
 
 def capture_intermediates(model):
-    """Hooks recording what the fixtures recorded: branch images and logits, tokens, cls tokens, merges, deform inputs."""
+    """Hooks recording what the fixtures record: branch images and logits, tokens, cls tokens, merges, deform inputs."""
     records: dict[str, torch.Tensor] = {}
     handles = []
     for k, branch in enumerate(model.branches):
