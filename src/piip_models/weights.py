@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
@@ -79,12 +80,20 @@ def branch_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionTran
     """Adapts a timm/DeiT/AugReg ViT checkpoint to one PIIP branch.
 
     Besides timm's own ViT conversions: the position embedding loses or gains its class slot as the branch needs,
+    patch kernels of another size (DINOv2/MAE-H 14 -> 16) are resized bicubically as the reference does,
     LayerScale gammas absent from the checkpoint (DeiT v1) keep the branch's init values, and final-norm weights
     are dropped for branches without a final norm.
     """
     state_dict = unwrap_state_dict(state_dict)
     if "pos_embed" in state_dict:
         state_dict["pos_embed"] = adapt_pos_embed(state_dict["pos_embed"], model)
+    kernel = state_dict.get("patch_embed.proj.weight")
+    target = model.patch_embed.proj.weight.shape[-2:]
+    if kernel is not None and kernel.dim() == 4 and kernel.shape[-2:] != target:
+        # PIIP resizes patch-14 kernels to 16 by plain bicubic interpolation (not timm's pseudo-inverse resampling).
+        state_dict["patch_embed.proj.weight"] = F.interpolate(
+            kernel.float(), size=tuple(target), mode="bicubic", align_corners=False
+        ).to(kernel.dtype)
     state_dict = vit_checkpoint_filter_fn(state_dict, model, adapt_layer_scale=True, antialias=False)
     for name, value in model.state_dict().items():
         if name.endswith(("ls1.gamma", "ls2.gamma")) and name not in state_dict:
