@@ -59,6 +59,9 @@ def test_pretrained_branches_load_from_seeded_offline_cache(tmp_path):
             assert torch.equal(b1.pos_embed[:, 0], src["pos_embed"][:, 0])
             gates = [p for n, p in m.named_parameters() if n.endswith(("ca_gamma", "cffn_gamma"))]
             assert gates and all(g.abs().sum() == 0 for g in gates)
+        # features_only wraps the model before the branches load
+        feats = timm.create_model("piip_tsb", pretrained=True, branches=branches, features_only=True)
+        assert torch.equal(feats.model.branches[1].blocks[3].mlp.fc1.weight, src["blocks.3.mlp.fc1.weight"])
         print("ok", sum(p.numel() for p in model.parameters()))
     """)
     assert out.startswith("ok")

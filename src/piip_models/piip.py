@@ -730,7 +730,8 @@ def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
         **kwargs,
     )
     if load_branches:
-        model.load_branch_weights(cache_dir=cache_dir)
+        # features_only wraps the pyramid (timm's FeatureGetterNet keeps it as .model)
+        (model.model if kwargs.get("features_only") else model).load_branch_weights(cache_dir=cache_dir)
     return model
 
 
