@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import piip_models
 from piip_models import PIIP, BranchCfg, even_segments
 from piip_models.layers.window_attention import block_forward, windowed_attention
 from piip_models.official import build_from_official
@@ -209,8 +208,8 @@ def test_detection_checkpoint_without_pyramid_drops_its_levels():
     plain.load_state_dict(state_dict, strict=True)
 
 
-def test_registered_dense_names():
-    names = set(piip_models.list_models())
-    assert {"piip_tsb_1568_1120_672", "piip_tsbl_1792_1568_1120_448", "piip_sbl_1792_1120_672_dino",
-            "piip_sbl_1568_1120_672_augreg", "piip_sbl_1568_1120_672_mae", "piip_sbl_1568_1120_672_dinov2",
-            "piip_baseline_vit_b_1024", "piip_baseline_vit_l_1024"} <= names
+def test_dense_models_default_to_no_classes_and_detection_normalisation():
+    for name in DENSE:
+        cfg = timm.get_pretrained_cfg(name)
+        assert cfg.num_classes == 0 and cfg.classifier == "head"
+        assert cfg.mean == ((0.485, 0.456, 0.406) if name.endswith("_dino") else (0.5, 0.5, 0.5))

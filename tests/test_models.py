@@ -12,7 +12,16 @@ import torch.nn.functional as F
 import piip_models
 from piip_models import PIIP, BranchCfg, even_segments
 
-REGISTERED = ["piip_tsb", "piip_sbl", "piip_sbl_320_160_96", "piip_tsbl"]
+CLASSIFIERS = ["piip_tsb", "piip_sbl", "piip_sbl_320_160_96", "piip_tsbl"]
+DENSE_BACKBONES = [
+    "piip_tsb_1120_896_448", "piip_tsb_1568_896_448", "piip_tsb_1568_1120_672",
+    "piip_sbl_1120_672_448", "piip_sbl_1344_896_448", "piip_sbl_1568_896_672", "piip_sbl_1568_1120_672",
+    "piip_tsbl_1344_896_672_448", "piip_tsbl_1568_1120_672_448", "piip_tsbl_1792_1568_1120_448",
+    "piip_sbl_1792_1120_672_dino", "piip_sbl_1568_1120_672_augreg", "piip_sbl_1568_1120_672_augreg_speedup",
+    "piip_sbl_1568_1120_672_mae", "piip_sbl_1568_1120_672_dinov2",
+    "piip_baseline_vit_b_1024", "piip_baseline_vit_l_1024",
+]
+REGISTERED = CLASSIFIERS + DENSE_BACKBONES
 
 
 def tiny_branches(dims=(96, 64, 32)) -> tuple[BranchCfg, ...]:
@@ -32,7 +41,7 @@ def tiny_model(**kwargs) -> PIIP:
 def test_registry_lists_every_model_without_overwriting_timm():
     assert sorted(timm.list_models("piip_*")) == sorted(REGISTERED)
     assert sorted(piip_models.list_models()) == sorted(REGISTERED)
-    assert timm.list_models(module="piip") == sorted(REGISTERED)
+    assert sorted(timm.list_models(module="piip")) == sorted(REGISTERED)
     # timm's own entries are untouched
     assert "vit_base_patch16_224" in timm.list_models(module="vision_transformer")
     # re-registering a timm name would move it to module "piip" and drop its pretrained cfgs

@@ -736,7 +736,7 @@ def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
 
 
 def _cfg(input_size: int, num_branches: int, head_type: str = "separate", **kwargs) -> dict[str, Any]:
-    classifier = "head" if head_type == "merged" else tuple(f"branches.{k}.head" for k in range(num_branches))
+    classifier = "head" if head_type != "separate" else tuple(f"branches.{k}.head" for k in range(num_branches))
     return {
         "num_classes": 1000,
         "input_size": (3, input_size, input_size),
