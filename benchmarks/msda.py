@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from piip_models.kernels import multi_scale_deformable_attention
+from piip_models.kernels.msda_reference import reference
 
 # name: (query grid (h, w), value levels [(H, W)], heads, head_dim, points)
 SHAPES = {
@@ -36,22 +36,6 @@ SHAPES = {
     "detr-enc": (None, [(100, 152), (50, 76), (25, 38), (13, 19)], 8, 32, 4),  # queries = every level's pixels
 }
 HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "L40S": 0.864}
-
-
-def reference(value, spatial_shapes, sampling_locations, attention_weights):
-    """The ``grid_sample`` formulation (``ms_deform_attn_core_pytorch``), the baseline the issue measures."""
-    batch, _, heads, head_dim = value.shape
-    _, queries, _, levels, points, _ = sampling_locations.shape
-    value_levels = value.split([h * w for h, w in spatial_shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    sampled = []
-    for level, (h, w) in enumerate(spatial_shapes):
-        value_l = value_levels[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, h, w)
-        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
-    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
-    return output.view(batch, heads * head_dim, queries).transpose(1, 2).contiguous()
 
 
 def _pixel_centres(h: int, w: int) -> torch.Tensor:

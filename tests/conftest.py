@@ -29,6 +29,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one thread: two OpenMP threads on two shared cores stall on each other's barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def capture_intermediates(model):
     """Hooks recording what the fixtures record: branch images and logits, tokens, cls tokens, merges, deform inputs."""
     records: dict[str, torch.Tensor] = {}

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from types import ModuleType
 
-import pytest
 import torch
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "maskrcnn_piip.py"
@@ -20,15 +19,6 @@ def load_example() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def one_thread():
-    # Two OpenMP threads on two shared cores stall on each other's barriers; one thread is faster and steadier here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_maskrcnn_example_trains_and_detects(monkeypatch, one_thread):

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.utils.checkpoint
 
 from piip_models import PIIP, BranchCfg, even_segments
-
-
-@pytest.fixture
-def one_thread():
-    # Two OpenMP threads on two shared cores stall on each other's barriers; tiny tensors gain nothing from them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_dense_model() -> PIIP:

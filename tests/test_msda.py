@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from piip_models.kernels import multi_scale_deformable_attention as msda
 from piip_models.kernels import op as msda_op
+from piip_models.kernels.msda_reference import reference
 from piip_models.kernels.msda_torch import msda_torch_backward, msda_torch_forward
 
 try:
@@ -40,25 +40,6 @@ KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # References: the grid_sample formulation (Deformable-DETR / PIIP ``ms_deform_attn_core_pytorch``) and a naive loop.
-
-
-def reference(value, spatial_shapes, sampling_locations, attention_weights):
-    """Multi-scale deformable attention with ``grid_sample`` (the original PyTorch formulation)."""
-    batch, _, heads, head_dim = value.shape
-    _, num_queries, _, levels, points, _ = sampling_locations.shape
-    value_levels = value.split([h * w for h, w in spatial_shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    sampled = []
-    for level, (h, w) in enumerate(spatial_shapes):
-        # (N, HW, M, D) -> (N*M, D, H, W)
-        value_l = value_levels[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, h, w)
-        # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
-        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # (N*M, D, Lq, L*P) weighted by (N*M, 1, Lq, L*P)
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, num_queries, levels * points)
-    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
-    return output.view(batch, heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
 
 def naive(value, spatial_shapes, sampling_locations, attention_weights):
