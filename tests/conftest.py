@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import piip_models  # noqa: F401  (registers the piip_* models before any test collects them)
+from piip_models.official import build_from_official
+from piip_models.weights import checkpoint_filter_fn
 
 
 def fixtures_dir() -> Path:
@@ -66,3 +70,37 @@ def capture_intermediates(model):
                     prefix + "spatial_shapes": torch.tensor(args[3]),
                 })))
     return records, handles
+
+
+def load_official_fixture(name: str, **model_kwargs):
+    """The PIIP equivalent of an official fixture with its converted weights (strict load), and its recorded I/O."""
+    path = require_fixture(name)
+    config = json.loads((path / "config.json").read_text())
+    model = build_from_official(config["kwargs"], **model_kwargs).eval()
+    model.load_state_dict(checkpoint_filter_fn(load_file(path / "state_dict.safetensors"), model), strict=True)
+    return model, load_file(path / "io.safetensors")
+
+
+def compare_intermediates(
+    name: str, io: dict[str, torch.Tensor], records: dict[str, torch.Tensor], skip: tuple[str, ...] = (), **tol
+) -> int:
+    """Compares every recorded ``intermediate.*`` tensor except ``skip`` with its capture; returns how many matched."""
+    checked = 0
+    for key, expected in io.items():
+        short = key[len("intermediate."):]
+        if not key.startswith("intermediate.") or short in skip:
+            continue
+        if short.endswith("level_start_index"):
+            assert expected.tolist() == [0]  # a single value level
+            continue
+        assert short in records, f"no capture for {short}"
+        actual = records[short]
+        if short.endswith(".image"):
+            # a stride-16 patch conv ignores the remainder rows/columns; the model crops them before embedding
+            expected = expected[..., : actual.shape[-2], : actual.shape[-1]]
+            assert expected.shape[-2] - io[key].shape[-2] > -16 and expected.shape[-1] - io[key].shape[-1] > -16
+        if short.endswith("reference_points"):
+            actual = actual.expand_as(expected)
+        torch.testing.assert_close(actual.to(expected.dtype), expected, **tol, msg=f"{name}: {short}")
+        checked += 1
+    return checked

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from piip_models import PIIP, BranchCfg, even_segments
 from piip_models.layers.window_attention import block_forward, windowed_attention
-from piip_models.official import build_from_official
 from piip_models.weights import checkpoint_filter_fn
 
-from .conftest import capture_intermediates, require_fixture
+from .conftest import capture_intermediates, compare_intermediates, load_official_fixture
 
 # The fixtures README: det_3branch_small ran the official non-flash DeiT window attention (pad after qkv); the
 # AugReg fixture ran the InternViT one (pad before qkv, as the flash path of the released configs).
@@ -29,17 +25,9 @@ DENSE = sorted(n for n in timm.list_models("piip_*") if timm.get_pretrained_cfg(
 CI_DENSE = ["piip_tsb_1120_896_448", "piip_sbl_1792_1120_672_dino"]
 
 
-def _load_fixture(name: str, padding: str):
-    path = require_fixture(name)
-    config = json.loads((path / "config.json").read_text())
-    model = build_from_official(config["kwargs"], window_padding=padding).eval()
-    model.load_state_dict(checkpoint_filter_fn(load_file(path / "state_dict.safetensors"), model), strict=True)
-    return model, load_file(path / "io.safetensors")
-
-
 @pytest.mark.parametrize("name", sorted(DET_FIXTURES))
 def test_detection_fixture(name):
-    model, io = _load_fixture(name, DET_FIXTURES[name])
+    model, io = load_official_fixture(name, window_padding=DET_FIXTURES[name])
     records, handles = capture_intermediates(model)
     with torch.no_grad():
         merged, pyramid = model.forward_intermediates(io["input"])
@@ -48,25 +36,13 @@ def test_detection_fixture(name):
     for level, feature in enumerate(pyramid):
         torch.testing.assert_close(feature, io[f"fpn{level + 1}"], **TOL)
     torch.testing.assert_close(merged, io["intermediate.merged"], **TOL)
-    checked = 0
-    for key, expected in io.items():
-        short = key[len("intermediate."):]
-        if not key.startswith("intermediate.") or short == "merged" or short.endswith("level_start_index"):
-            continue
-        actual = records[short]
-        if short.endswith(".image"):
-            # a stride-16 patch conv ignores the remainder rows/columns; the model crops them before embedding
-            expected = expected[..., : actual.shape[-2], : actual.shape[-1]]
-            assert expected.shape[-2] - io[key].shape[-2] > -16 and expected.shape[-1] - io[key].shape[-1] > -16
-        if short.endswith("reference_points"):
-            actual = actual.expand_as(expected)
-        torch.testing.assert_close(actual.to(expected.dtype), expected, **TOL, msg=f"{name}: {short}")
-        checked += 1
+    checked = compare_intermediates(name, io, records, skip=("merged",), **TOL)
     assert checked == 19  # branch images (2), merges (3), tokens (2 x 3), deform inputs (8)
 
 
 def test_window_padding_rule_matters():
-    model, io = _load_fixture("det_3branch_small", "before_qkv")  # the fixture ran the other rule
+    # the fixture ran the other rule
+    model, io = load_official_fixture("det_3branch_small", window_padding="before_qkv")
     with torch.no_grad():
         merged = model.forward_features(io["input"])
     assert (merged - io["intermediate.merged"]).abs().max() > 1e-2

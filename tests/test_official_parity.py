@@ -8,10 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from piip_models.official import build_from_official
-from piip_models.weights import checkpoint_filter_fn
-
-from .conftest import capture_intermediates, require_fixture
+from .conftest import capture_intermediates, compare_intermediates, load_official_fixture, require_fixture
 
 CLS_FIXTURES = [
     "cls_2branch_small",
@@ -25,14 +22,7 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 @pytest.mark.parametrize("name", CLS_FIXTURES)
 def test_classification_fixture(name):
-    path = require_fixture(name)
-    config = json.loads((path / "config.json").read_text())
-    model = build_from_official(config["kwargs"]).eval()
-    state_dict = checkpoint_filter_fn(load_file(path / "state_dict.safetensors"), model)
-    missing, unexpected = model.load_state_dict(state_dict, strict=True)
-    assert not missing and not unexpected
-    io = load_file(path / "io.safetensors")
-
+    model, io = load_official_fixture(name)
     records, handles = capture_intermediates(model)
     with torch.no_grad():
         logits = model(io["input"])
@@ -40,20 +30,7 @@ def test_classification_fixture(name):
         handle.remove()
 
     torch.testing.assert_close(logits, io["logits"], **TOL)
-    checked = 0
-    for key, expected in io.items():
-        if not key.startswith("intermediate."):
-            continue
-        short = key[len("intermediate."):]
-        if short.endswith("level_start_index"):
-            assert expected.tolist() == [0]  # a single value level
-            continue
-        assert short in records, f"no capture for {short}"
-        actual = records[short]
-        if short.startswith("deform.") and short.endswith("reference_points"):
-            actual = actual.expand_as(expected)
-        torch.testing.assert_close(actual.to(expected.dtype), expected, **TOL, msg=f"{name}: {short}")
-        checked += 1
+    checked = compare_intermediates(name, io, records, **TOL)
     assert checked >= 10
 
 

@@ -257,7 +257,6 @@ class PIIP(nn.Module):
         # Class/register tokens never get a position embedding in PIIP; some timm ViTs store slots for them anyway.
         self._pos_skip = tuple(0 if b.no_embed_class else b.num_prefix_tokens for b in self.branches)
 
-        self.interaction_cfg = interaction
         injector_kwargs = dict(
             num_heads=interaction.num_heads,
             n_points=interaction.n_points,
