@@ -18,7 +18,7 @@ DENSE_BACKBONES = [
     "piip_sbl_1120_672_448", "piip_sbl_1344_896_448", "piip_sbl_1568_896_672", "piip_sbl_1568_1120_672",
     "piip_tsbl_1344_896_672_448", "piip_tsbl_1568_1120_672_448", "piip_tsbl_1792_1568_1120_448",
     "piip_sbl_1792_1120_672_dino", "piip_sbl_1568_1120_672_augreg", "piip_sbl_1568_1120_672_augreg_speedup",
-    "piip_sbl_1568_1120_672_mae", "piip_sbl_1568_1120_672_dinov2",
+    "piip_sbl_1568_1120_672_mae", "piip_sbl_1568_1120_672_dinov2", "piip_sbl_1568_1120_672_beitv2",
     "piip_baseline_vit_b_1024", "piip_baseline_vit_l_1024",
 ]
 REGISTERED = CLASSIFIERS + DENSE_BACKBONES

@@ -10,7 +10,7 @@ from typing import Any
 
 import timm
 
-from . import piip
+from . import piip, windowed_beit
 from .piip import PIIP, BranchCfg, InteractionCfg, create_pyramid, even_segments
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "even_segments",
     "list_models",
     "piip",
+    "windowed_beit",
 ]
 
 

@@ -365,10 +365,9 @@ class PIIP(nn.Module):
             dynamic_img_size=True,
             **{**cfg.model_args, **dd},
         )
-        if not isinstance(branch, VisionTransformer) or branch.pos_embed is None:
+        if not isinstance(branch, VisionTransformer):
             raise TypeError(
-                f"branch {index} ({cfg.model_name}) must be a timm VisionTransformer with a learned position "
-                f"embedding, got {type(branch).__name__}"
+                f"branch {index} ({cfg.model_name}) must be a timm VisionTransformer, got {type(branch).__name__}"
             )
         depth = len(branch.blocks)
         rates = [cfg.drop_path_rate] * depth
@@ -420,14 +419,16 @@ class PIIP(nn.Module):
         image = image[..., : image.shape[-2] // patch_h * patch_h, : image.shape[-1] // patch_w * patch_w]
         x = branch.patch_embed(image)
         batch, height, width, channels = x.shape
-        pos_embed = resample_abs_pos_embed(
-            branch.pos_embed[:, self._pos_skip[index]:],
-            new_size=(height, width),
-            old_size=branch.patch_embed.grid_size,
-            num_prefix_tokens=0,
-            antialias=False,
-        )
-        x = branch.pos_drop(x.reshape(batch, height * width, channels) + pos_embed)
+        x = x.reshape(batch, height * width, channels)
+        if branch.pos_embed is not None:  # BEiT branches encode positions with a relative bias only
+            x = x + resample_abs_pos_embed(
+                branch.pos_embed[:, self._pos_skip[index]:],
+                new_size=(height, width),
+                old_size=branch.patch_embed.grid_size,
+                num_prefix_tokens=0,
+                antialias=False,
+            )
+        x = branch.pos_drop(x)
         prefix = [t.expand(batch, -1, -1) for t in (branch.cls_token, branch.reg_token) if t is not None]
         prefix_tokens = branch.norm_pre(torch.cat(prefix, dim=1)) if prefix else None
         geometry = BranchGeometry(height, width, reference_points(height, width, device=x.device))
@@ -658,7 +659,10 @@ class PIIP(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"branches.*.pos_embed", "branches.*.cls_token", "branches.*.reg_token"}
+        names = {"branches.*.pos_embed", "branches.*.cls_token", "branches.*.reg_token"}
+        if any(name.endswith("relative_position_bias_table") for name, _ in self.named_parameters()):
+            names.add("branches.*.relative_position_bias_table")
+        return names
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
@@ -786,6 +790,7 @@ default_cfgs = generate_default_cfgs({
     "piip_sbl_1568_1120_672_augreg_speedup.branches": _dense_cfg(1568, 3),
     "piip_sbl_1568_1120_672_mae.branches": _dense_cfg(1568, 3),
     "piip_sbl_1568_1120_672_dinov2.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1568_1120_672_beitv2.branches": _dense_cfg(1568, 3),
     "piip_baseline_vit_b_1024.branches": _dense_cfg(1024, 1),
     "piip_baseline_vit_l_1024.branches": _dense_cfg(1024, 1),
 })
@@ -850,6 +855,21 @@ def _internvit_det(
         "linear",
         model_args=dict(init_values=1.0, patch_size=16, **model_args),
         pos_embed_size=pretrain,
+        window_size=28,
+    )
+
+
+def _beitv2_det(size: str, img_size: int, drop_path_rate: float) -> BranchCfg:
+    """BEiT v2 (ImageNet-22k fine-tuned) detection branch: window 28 with a per-window relative position bias,
+    LayerScale, linear drop path, no absolute position embedding."""
+    depth = _DEIT3_DEPTHS[size]
+    return BranchCfg(
+        f"windowed_beitv2_{size}_patch16_224.in1k_ft_in22k",
+        img_size,
+        even_segments(depth, 12),
+        drop_path_rate,
+        "linear",
+        model_args=dict(window_size=28, init_values=1e-6),
         window_size=28,
     )
 
@@ -1028,6 +1048,13 @@ def piip_sbl_1568_1120_672_dinov2(pretrained: bool = False, **kwargs) -> PIIP:
         _internvit_det("vit_small_patch14_dinov2.lvd142m", 1568, 12, 0.2, 518),
     )
     return _dense("piip_sbl_1568_1120_672_dinov2", branches, pretrained, kwargs)
+
+
+@register_model
+def piip_sbl_1568_1120_672_beitv2(pretrained: bool = False, **kwargs) -> PIIP:
+    """PIIP-SBL 1568/1120/672 detection backbone: DeiT III-S, BEiT v2 ViT-B and ViT-L, window 28."""
+    branches = (_beitv2_det("large", 672, 0.4), _beitv2_det("base", 1120, 0.15), _deit3_det("small", 1568, 0.05, 28))
+    return _dense("piip_sbl_1568_1120_672_beitv2", branches, pretrained, kwargs)
 
 
 @register_model

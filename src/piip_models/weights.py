@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "adapt_pos_embed",
+    "adapt_rel_pos_tables",
     "branch_checkpoint_filter_fn",
     "checkpoint_filter_fn",
     "convert_official_state_dict",
@@ -76,17 +77,45 @@ def adapt_pos_embed(pos_embed: torch.Tensor, branch: VisionTransformer) -> torch
     return torch.cat([prefix, grid], dim=1)
 
 
+def adapt_rel_pos_tables(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Fits relative position bias tables (BEiT) to ``model``'s window and drops their derived index buffers.
+
+    Class-token entries (the ``N - isqrt(N)**2`` trailing rows of a BEiT pretraining table) are removed when the
+    model's table has none, and the ``(2W - 1)^2`` grid is resized bicubically to the model's window.
+    """
+    targets = model.state_dict()
+    adapted = {}
+    for key, value in state_dict.items():
+        if key.endswith("relative_position_index"):
+            continue
+        if key.endswith("relative_position_bias_table") and key in targets and value.shape != targets[key].shape:
+            dst_side = math.isqrt(targets[key].shape[0])
+            src_side = math.isqrt(value.shape[0])
+            if dst_side * dst_side != targets[key].shape[0] or value.shape[1] != targets[key].shape[1]:
+                raise ValueError(
+                    f"{key}: cannot fit a {tuple(value.shape)} relative position table to {tuple(targets[key].shape)}"
+                )
+            grid = value[: src_side * src_side].T.reshape(1, -1, src_side, src_side)
+            grid = F.interpolate(grid.float(), size=(dst_side, dst_side), mode="bicubic", align_corners=False)
+            value = grid.reshape(value.shape[1], -1).T.to(value.dtype)
+        adapted[key] = value
+    return adapted
+
+
 def branch_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionTransformer) -> dict[str, torch.Tensor]:
     """Adapts a timm/DeiT/AugReg ViT checkpoint to one PIIP branch.
 
     Besides timm's own ViT conversions: the position embedding loses or gains its class slot as the branch needs,
     patch kernels of another size (DINOv2/MAE-H 14 -> 16) are resized bicubically as the reference does,
-    LayerScale gammas absent from the checkpoint (DeiT v1) keep the branch's init values, and final-norm weights
-    are dropped for branches without a final norm.
+    LayerScale gammas absent from the checkpoint (DeiT v1) keep the branch's init values, BEiT relative position
+    tables are fitted to the branch's window, and final-norm weights are dropped for branches without a final norm.
     """
     state_dict = unwrap_state_dict(state_dict)
     if "pos_embed" in state_dict:
         state_dict["pos_embed"] = adapt_pos_embed(state_dict["pos_embed"], model)
+    if model.cls_token is None:
+        state_dict.pop("cls_token", None)
+    state_dict = adapt_rel_pos_tables(state_dict, model)
     kernel = state_dict.get("patch_embed.proj.weight")
     target = model.patch_embed.proj.weight.shape[-2:]
     if kernel is not None and kernel.dim() == 4 and kernel.shape[-2:] != target:
@@ -171,4 +200,4 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PIIP) -> dict[str
         key = f"branches.{k}.pos_embed"
         if key in state_dict:
             state_dict[key] = adapt_pos_embed(state_dict[key], branch)
-    return state_dict
+    return adapt_rel_pos_tables(state_dict, model)

@@ -4,17 +4,21 @@ The token grid is zero-padded on the right and bottom to a multiple of the windo
 window without a mask. Where the padding happens matters: padding the normalised tokens *before* the qkv
 projection gives padded keys/values equal to the qkv bias (the official flash-attention and InternViT paths, which
 the released configs use); padding *after* it gives zero keys/values (the official non-flash DeiT path).
+
+BEiT branches add a learned relative position bias defined over one window (:class:`WindowRelPosAttention`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Attention
 
-__all__ = ["WindowPadding", "windowed_attention", "block_forward"]
+__all__ = ["WindowPadding", "WindowRelPosAttention", "block_forward", "rel_pos_attention", "windowed_attention"]
 
 WindowPadding = Literal["before_qkv", "after_qkv"]
 
@@ -38,6 +42,96 @@ def _unpartition(windows: torch.Tensor, window: int, batch: int, padded: tuple[i
     return x[:, : grid[0], : grid[1]]
 
 
+class WindowRelPosAttention(Attention):
+    """BEiT attention with a per-window relative position bias, as PIIP's windowed BEiT branches build it.
+
+    The bias table holds ``(2W - 1)^2`` entries per head for a ``W x W`` window and, unlike BEiT pretraining, no
+    class-token entries. The qkv projection has separate query and value biases and no key bias. Subclasses fix
+    ``window_size`` (see :func:`rel_pos_attention`) so that timm ViTs can build the layer from ``attn_layer``.
+    """
+
+    window_size: int = 0
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if self.window_size <= 0:
+            raise TypeError("build WindowRelPosAttention through rel_pos_attention(window_size)")
+        super().__init__(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=False,
+            qk_norm=qk_norm,
+            scale_norm=scale_norm,
+            proj_bias=proj_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            norm_layer=norm_layer,
+            device=device,
+            dtype=dtype,
+        )
+        dd = {"device": device, "dtype": dtype}
+        self.q_bias = nn.Parameter(torch.zeros(self.attn_dim, **dd)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(self.attn_dim, **dd)) if qkv_bias else None
+        side = 2 * self.window_size - 1
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(side * side, num_heads, **dd))
+        coords = torch.stack(torch.meshgrid(
+            torch.arange(self.window_size), torch.arange(self.window_size), indexing="ij"
+        )).flatten(1)
+        relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (self.window_size - 1)
+        index = relative[..., 0] * side + relative[..., 1]
+        # Derived from the window size alone, so it stays out of the state dict.
+        self.register_buffer("relative_position_index", index.to(device=device), persistent=False)
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        """The qkv bias: query bias, zero key bias, value bias."""
+        if self.q_bias is None:
+            return None
+        return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+
+    def position_bias(self, window: int) -> torch.Tensor:
+        """``(num_heads, window^2, window^2)`` attention bias of one window."""
+        if window != self.window_size:
+            raise ValueError(
+                f"this attention's relative position bias covers {self.window_size}x{self.window_size} windows, "
+                f"got window {window}"
+            )
+        tokens = window * window
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(tokens, tokens, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """Global attention, defined only when the tokens form exactly one window."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("WindowRelPosAttention takes no attention mask")
+        side = self.window_size
+        if x.shape[1] != side * side:
+            raise ValueError(
+                f"global attention with a {side}x{side}-window relative position bias needs {side * side} tokens, "
+                f"got {x.shape[1]}; run the block with window={side}"
+            )
+        return windowed_attention(self, x, (side, side), side)
+
+
+@functools.cache
+def rel_pos_attention(window_size: int) -> type[WindowRelPosAttention]:
+    """The :class:`WindowRelPosAttention` class for ``window_size x window_size`` windows (a timm ``attn_layer``)."""
+    if window_size <= 0:
+        raise ValueError(f"window_size must be positive, got {window_size}")
+    return type(f"WindowRelPosAttention{window_size}", (WindowRelPosAttention,), {"window_size": window_size})
+
+
 def windowed_attention(
     attn: nn.Module,
     x: torch.Tensor,
@@ -48,7 +142,8 @@ def windowed_attention(
     """Self-attention of a timm ``Attention`` module restricted to ``window x window`` windows.
 
     Args:
-        attn: timm ``Attention`` (``qkv``, ``q_norm``/``k_norm``, ``norm``, ``proj``).
+        attn: timm ``Attention`` (``qkv``, ``q_norm``/``k_norm``, ``norm``, ``proj``) or
+            :class:`WindowRelPosAttention`.
         x: ``(B, H * W, C)`` normalised tokens of a row-major grid.
         grid: ``(H, W)``.
         window: Window side in tokens.
@@ -60,16 +155,23 @@ def windowed_attention(
     batch, _, channels = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
     tokens = x.view(batch, grid[0], grid[1], channels)
+    rel_pos = isinstance(attn, WindowRelPosAttention)
+    bias = attn.position_bias(window) if rel_pos else None
+
+    def project(t: torch.Tensor) -> torch.Tensor:
+        return F.linear(t, attn.qkv.weight, attn.qkv_bias()) if rel_pos else attn.qkv(t)
+
     if padding == "before_qkv":
         windows, padded_h, padded_w = _partition(tokens, window)
-        qkv = attn.qkv(windows)
+        qkv = project(windows)
     elif padding == "after_qkv":
-        qkv, padded_h, padded_w = _partition(attn.qkv(tokens), window)
+        qkv, padded_h, padded_w = _partition(project(tokens), window)
     else:
         raise ValueError(f"padding must be 'before_qkv' or 'after_qkv', got {padding!r}")
     q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    mask = None if bias is None else bias.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(out.shape[0], -1, heads * head_dim))))
     out = _unpartition(out, window, batch, (padded_h, padded_w), grid)
     return out.reshape(batch, grid[0] * grid[1], -1)
