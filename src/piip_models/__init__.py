@@ -10,7 +10,7 @@ from typing import Any
 
 import timm
 
-from . import piip, windowed_beit
+from . import internvit, piip, piip_h6b, windowed_beit
 from .piip import PIIP, BranchCfg, InteractionCfg, create_pyramid, even_segments
 
 __version__ = "0.1.0"
@@ -22,15 +22,20 @@ __all__ = [
     "create_model",
     "create_pyramid",
     "even_segments",
+    "internvit",
     "list_models",
     "piip",
+    "piip_h6b",
     "windowed_beit",
 ]
+
+# timm registers a model under the last component of its module name; one entry per model-family file.
+_MODEL_MODULES = ("piip", "piip_h6b")
 
 
 def list_models(filter: str = "piip_*", pretrained: bool = False, include_tags: bool = False) -> list[str]:
     """Lists PIIP models (``timm.list_models`` restricted to this package's models)."""
-    return timm.list_models(filter, module="piip", pretrained=pretrained, include_tags=include_tags)
+    return timm.list_models(filter, module=_MODEL_MODULES, pretrained=pretrained, include_tags=include_tags)
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> PIIP:

@@ -37,28 +37,33 @@ def branch_cfg_from_official(branch: Mapping[str, Any]) -> BranchCfg:
 
     DeiT-type branches always carry LayerScale gammas (``init_scale``), a position embedding without a class slot
     and a constant drop-path rate; AugReg-type (``InternViT6B``) branches keep the class slot, use LayerScale only
-    with ``init_values`` and, in detection configs, a linear drop-path schedule.
+    with ``init_values`` and, in detection configs, a linear drop-path schedule; with RMSNorm and qk-normalisation
+    they are InternViT-6B branches. Fused MLPs (``mlp_type``/``Mlp_block='fused_mlp'``) use tanh-approximate GELU;
+    segmentation branches (``img_size`` beside ``real_size``) store their position embedding at ``img_size``.
     """
-    if branch.get("qk_normalization") or branch.get("norm_layer_type", "LayerNorm") != "LayerNorm":
-        raise ValueError("InternViT-6B-style branches (qk-norm, RMSNorm) are not supported by this translation")
+    rms_norm = branch.get("norm_layer_type", "LayerNorm") == "RMSNorm"
+    if rms_norm != bool(branch.get("qk_normalization")):
+        raise ValueError("RMSNorm and qk-normalisation are supported together only (the InternViT-6B combination)")
     dense = "real_size" in branch
+    model_name = "internvit_6b_patch14_224" if rms_norm else "vit_base_patch16_224"
     model_args = {k: branch[k] for k in _VIT_ARGS if k in branch}
     if _is_deit_type(branch):
         model_args.update(init_values=branch.get("init_scale", 1.0), no_embed_class=True)
         drop_path_mode = "constant"
     else:
-        if branch.get("init_values"):
-            model_args["init_values"] = branch["init_values"]
+        model_args["init_values"] = branch.get("init_values") or None
         drop_path_mode = "linear" if dense else "constant"
+    if "fused_mlp" in (branch.get("mlp_type"), branch.get("Mlp_block")):
+        model_args["act_layer"] = "gelu_tanh"
     window_size, global_blocks = _windows(branch)
     return BranchCfg(
-        "vit_base_patch16_224",
+        model_name,
         int(branch["real_size"] if dense else branch["img_size"]),
         tuple((int(start), int(end)) for start, end in branch["interaction_indexes"]),
         float(branch.get("drop_path_rate", 0.0)),
         drop_path_mode,
         model_args=model_args,
-        pos_embed_size=int(branch["pretrain_img_size"]) if dense else None,
+        pos_embed_size=int(branch.get("img_size", branch["pretrain_img_size"])) if dense else None,
         window_size=window_size,
         global_blocks=global_blocks,
     )
