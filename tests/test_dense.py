@@ -11,7 +11,7 @@ from piip_models import PIIP, BranchCfg, even_segments
 from piip_models.layers.window_attention import block_forward, windowed_attention
 from piip_models.weights import checkpoint_filter_fn
 
-from .conftest import capture_intermediates, compare_intermediates, load_official_fixture
+from .conftest import capture_intermediates, compare_intermediates, cpu_sized, load_official_fixture
 
 # The fixtures README: det_3branch_small ran the official non-flash DeiT window attention (pad after qkv); the
 # AugReg fixture ran the InternViT one (pad before qkv, as the flash path of the released configs).
@@ -126,7 +126,7 @@ def test_dense_forward_backward_cpu(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in DENSE if n not in CI_DENSE])
+@pytest.mark.parametrize("name", [n for n in cpu_sized(DENSE) if n not in CI_DENSE])
 def test_dense_forward_backward_cpu_every_model(name):
     _forward_backward(name, 2, 448, 672)
 
@@ -188,4 +188,5 @@ def test_dense_models_default_to_no_classes_and_detection_normalisation():
     for name in DENSE:
         cfg = timm.get_pretrained_cfg(name)
         assert cfg.num_classes == 0 and cfg.classifier == "head"
-        assert cfg.mean == ((0.485, 0.456, 0.406) if name.endswith("_dino") else (0.5, 0.5, 0.5))
+        imagenet = name == "piip_sbl_1792_1120_672_dino" or name.startswith("piip_h6b_512_")  # DINO-DeiT, ADE20K
+        assert cfg.mean == ((0.485, 0.456, 0.406) if imagenet else (0.5, 0.5, 0.5))

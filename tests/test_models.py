@@ -21,7 +21,13 @@ DENSE_BACKBONES = [
     "piip_sbl_1568_1120_672_mae", "piip_sbl_1568_1120_672_dinov2", "piip_sbl_1568_1120_672_beitv2",
     "piip_baseline_vit_b_1024", "piip_baseline_vit_l_1024",
 ]
-REGISTERED = CLASSIFIERS + DENSE_BACKBONES
+INTERNVIT_6B_BACKBONES = [
+    "piip_h6b_1024_512", "piip_h6b_1024_512_speedup", "piip_h6b_1024_768_dino",
+    "piip_lh6b_1536_1024_512", "piip_lh6b_1536_1024_512_dino",
+    "piip_h6b_512_192", "piip_h6b_512_256", "piip_h6b_512_384", "piip_h6b_512_512",
+    "piip_baseline_internvit_6b_1024",
+]
+REGISTERED = CLASSIFIERS + DENSE_BACKBONES + INTERNVIT_6B_BACKBONES
 
 
 def tiny_branches(dims=(96, 64, 32)) -> tuple[BranchCfg, ...]:
@@ -41,7 +47,7 @@ def tiny_model(**kwargs) -> PIIP:
 def test_registry_lists_every_model_without_overwriting_timm():
     assert sorted(timm.list_models("piip_*")) == sorted(REGISTERED)
     assert sorted(piip_models.list_models()) == sorted(REGISTERED)
-    assert sorted(timm.list_models(module="piip")) == sorted(REGISTERED)
+    assert sorted(timm.list_models(module=("piip", "piip_h6b"))) == sorted(REGISTERED)
     # timm's own entries are untouched
     assert "vit_base_patch16_224" in timm.list_models(module="vision_transformer")
     # re-registering a timm name would move it to module "piip" and drop its pretrained cfgs
