@@ -21,55 +21,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from .layers.qk_norm_attention import FullWidthQkNormAttention
 from .layers.rms_norm import RmsNorm
-from .weights import branch_checkpoint_filter_fn
+from .vit_family import create_vit, vit_cfg
 
 __all__ = ["internvit_6b_patch14_224"]
 
 
-def _create_internvit(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        VisionTransformer,
-        variant,
-        pretrained,
-        # resizes the patch-14 kernels bicubically (as the PIIP reference does) when another patch size is built
-        pretrained_filter_fn=branch_checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "num_classes": 0,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-        "paper_ids": "arXiv:2312.14238",
-        "paper_name": "InternVL: Scaling up Vision Foundation Models and Aligning for Generic Visual-Linguistic Tasks",
-        "origin_url": "https://github.com/OpenGVLab/InternVL",
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
     # The InternViT-6B weights PIIP initialises from (the official `intern_vit_6b_224px.pth`, 12 GB, pickled).
-    "internvit_6b_patch14_224.internvl": _cfg(
+    "internvit_6b_patch14_224.internvl": vit_cfg(
         hf_hub_id="OpenGVLab/InternVL",
         hf_hub_filename="intern_vit_6b_224px.pth",
+        num_classes=0,
+        crop_pct=1.0,
+        license="mit",
+        paper_ids="arXiv:2312.14238",
+        paper_name="InternVL: Scaling up Vision Foundation Models and Aligning for Generic Visual-Linguistic Tasks",
+        origin_url="https://github.com/OpenGVLab/InternVL",
     ),
 })
 
@@ -90,4 +62,4 @@ def internvit_6b_patch14_224(pretrained: bool = False, **kwargs: Any) -> VisionT
         attn_layer=FullWidthQkNormAttention,
         final_norm=False,
     )
-    return _create_internvit("internvit_6b_patch14_224", pretrained, **dict(model_args, **kwargs))
+    return create_vit("internvit_6b_patch14_224", pretrained, **dict(model_args, **kwargs))

@@ -14,12 +14,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from .layers.window_attention import rel_pos_attention
-from .weights import branch_checkpoint_filter_fn
+from .vit_family import create_vit, vit_cfg
 
 __all__ = ["create_windowed_beit"]
 
@@ -37,28 +36,14 @@ def create_windowed_beit(variant: str, pretrained: bool = False, window_size: in
     if kwargs.get("pos_embed", "none") != "none":
         raise ValueError("windowed BEiT encodes positions with its relative bias alone; pos_embed must be 'none'")
     kwargs.update(pos_embed="none", attn_layer=rel_pos_attention(window_size))
-    return build_model_with_cfg(
-        VisionTransformer, variant, pretrained, pretrained_filter_fn=branch_checkpoint_filter_fn, **kwargs
-    )
+    return create_vit(variant, pretrained, **kwargs)
 
 
 def _cfg(hf_hub_id: str, **kwargs) -> dict:
-    return {
-        "hf_hub_id": hf_hub_id,
-        "num_classes": 21841,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2208.06366",
+    return vit_cfg(
+        hf_hub_id=hf_hub_id, num_classes=21841, crop_pct=0.9, license="apache-2.0", paper_ids="arXiv:2208.06366",
         **kwargs,
-    }
+    )
 
 
 default_cfgs = generate_default_cfgs({
