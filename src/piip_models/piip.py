@@ -846,7 +846,8 @@ def _internvit_det(
     name: str, img_size: int, depth: int, drop_path_rate: float, pretrain: int, **model_args: Any
 ) -> BranchCfg:
     """AugReg / MAE / DINOv2 detection branch as the official ``InternViT6B`` class builds it: LayerScale from 1.0,
-    class slot kept in the position embedding, linear drop path, window 28, patch 16."""
+    linear drop path, window 28, patch 16. Without a class token the position embedding has no class slot (the
+    official class stores an unused one; checkpoints with it load, the slot dropped)."""
     return BranchCfg(
         name,
         img_size,
