@@ -190,7 +190,8 @@ def add_bench_command(subparsers: Any) -> None:
     _add_run_options(parser, DEFAULT_BENCH_MODELS, DEFAULT_BENCH_SCALE)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch", type=int, default=1, help="images per timed forward")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed forwards first")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed forwards first (the first one's peak memory is recorded)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards (median reported)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads per measurement (default 1: on a shared machine, threads stall at OpenMP "
@@ -206,7 +207,9 @@ COMMANDS: tuple[CommandRegistrar, ...] = (add_list_command, add_info_command, ad
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="piip-models", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="piip-models", description="PIIP models: list them, show one, count FLOPs, benchmark against baselines."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in COMMANDS:
         register(subparsers)

@@ -26,8 +26,8 @@ merges, the feature pyramid of ``features_only`` models) and the deformable samp
 (:func:`piip_models.kernels.msda_macs`: 5 MACs per sample and channel, with the real heads, levels and points).
 Element-wise work (norms, activations, softmax, additions, resizing) is not counted. Both conventions report MACs.
 
-Counting runs one forward: build the model on ``device="meta"`` to count anything, even 6B-parameter models, in
-well under a second without computing (:func:`count_model` does).
+Counting runs one forward: build the model on ``device="meta"`` to count anything, even 6B-parameter models, without
+computing and without memory (:func:`count_model` does; a few seconds per model, mostly spent building it).
 """
 
 from __future__ import annotations
@@ -280,7 +280,8 @@ def count_flops(
     size = input_size if input_size is not None else default_input_size(model)
     height, width = (size, size) if isinstance(size, int) else size
     param = next(model.parameters())
-    x = torch.zeros(batch_size, 3, height, width, device=param.device, dtype=param.dtype)
+    channels = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3,))[0]
+    x = torch.zeros(batch_size, channels, height, width, device=param.device, dtype=param.dtype)
     if convention == "paper":
         return _paper_macs(model, x) // batch_size
     return _full_macs(model, x) // batch_size
