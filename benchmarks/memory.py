@@ -27,11 +27,8 @@ it recomputes. Times are single runs (the first at that input size) and noisy on
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,7 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import piip_models  # registers the piip_* models with timm
+from piip_models.bench import PeakMemory, warmup_side  # importing piip_models registers its models with timm
 
 DEFAULT_MODELS = ["piip_tsb_1120_896_448", "piip_sbl_1568_1120_672"]
 
@@ -67,61 +64,6 @@ class Row:
     time_s: float
     time_s_ckpt: float
     max_grad_diff: float
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _maxrss_kib() -> int:
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss // 1024 if sys.platform == "darwin" else maxrss  # bytes on macOS, KiB on Linux
-
-
-class PeakMemory:
-    """Peak memory of a code region, above the memory in use when :meth:`start` is called."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.base = 0
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the RSS high-water mark (Linux >= 4.0)
-            self.base = _proc_status_kib("VmRSS")
-        except OSError:
-            self.base = _maxrss_kib()
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
-        peak = _proc_status_kib("VmHWM") or _maxrss_kib()
-        return (peak - self.base) / 1024
-
-
-def warmup_side(model: piip_models.PIIP) -> int:
-    """Smallest multiple of 32 that gives every branch at least one patch."""
-    last = model.branch_sizes[-1]
-    side = max(math.ceil(max(p) * last / s) for p, s in zip(model.patch_sizes, model.branch_sizes))
-    return 32 * math.ceil(side / 32)
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

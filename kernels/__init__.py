@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import torch
 
 from .msda_torch import msda_torch_forward
-from .op import BACKENDS, ENV_BACKEND
+from .op import BACKENDS, ENV_BACKEND, msda_macs
 
-__all__ = ["BACKENDS", "ENV_BACKEND", "multi_scale_deformable_attention"]
+__all__ = ["BACKENDS", "ENV_BACKEND", "msda_macs", "multi_scale_deformable_attention"]
 
 
 def _as_shape_tuples(spatial_shapes: torch.Tensor | Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:

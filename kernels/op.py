@@ -13,7 +13,9 @@ import torch
 
 from .msda_torch import msda_torch_backward, msda_torch_forward
 
-__all__ = ["BACKENDS", "ENV_BACKEND", "msda", "msda_backward", "resolve_backend"]
+__all__ = [
+    "BACKENDS", "ENV_BACKEND", "MACS_PER_SAMPLE_CHANNEL", "msda", "msda_backward", "msda_macs", "resolve_backend"
+]
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_BACKEND = "PIIP_MSDA_BACKEND"
@@ -152,3 +154,18 @@ def _backward(ctx, grad_output):
 
 
 msda.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Each sample (query, head, level, point) reads 4 bilinear corners of a head_dim vector (4 multiply-adds per channel)
+# and adds the result, scaled by its attention weight, to the output (1 more); the per-sample scalar work (corner
+# weights, coordinates) is not counted. piip_models.counting registers it with torch.utils.flop_counter (which
+# imports Triton, so it is not imported here).
+MACS_PER_SAMPLE_CHANNEL = 5
+
+
+def msda_macs(value_shape: Sequence[int], sampling_locations_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward: ``5 * N * Lq * M * L * P * D`` for value ``(N, S, M, D)`` and
+    locations ``(N, Lq, M, L, P, 2)``."""
+    batch, _, heads, head_dim = value_shape
+    _, queries, _, levels, points, _ = sampling_locations_shape
+    return MACS_PER_SAMPLE_CHANNEL * batch * queries * heads * levels * points * head_dim

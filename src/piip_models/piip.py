@@ -242,6 +242,9 @@ class PIIP(nn.Module):
         )
         for k, (cfg, branch) in enumerate(zip(branches, self.branches)):
             self._check_segments(k, cfg.segments, len(branch.blocks))
+        # The build configuration, read by piip_models.counting (paper-convention twin) and the CLI's ``info``.
+        self.branch_cfgs = branches
+        self.interaction_cfg = interaction
         self.segments = tuple(cfg.segments for cfg in branches)
         self.windows = tuple(
             tuple(0 if i in cfg.global_blocks else cfg.window_size for i in range(len(branch.blocks)))

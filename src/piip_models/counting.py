@@ -1,0 +1,512 @@
+"""Parameter and FLOP counting in two conventions, and the published numbers they must reproduce.
+
+``paper`` is the convention of the official #Param/#FLOPs columns (mmcv ``get_model_complexity_info`` plus the
+official scripts' manual terms), so the README tables can be re-derived:
+
+* multiply-accumulates (MACs) of one square image at the last branch's size, batch 1, counted by forward hooks whose
+  module types match exactly (:data:`PAPER_RULES`): ``nn.Linear`` ``numel(input) * out_features`` (no bias term);
+  ``nn.Conv2d`` ``k_h * k_w * C_in / groups`` per output element, plus one per output element with a bias;
+  ``nn.ConvTranspose2d`` the same on the input grid; LayerNorm/GroupNorm/BatchNorm ``numel`` (twice if affine);
+  ReLU and pooling ``numel``. Everything else counts 0: GELU, softmax, LayerScale, RMSNorm, matmuls, attention
+  kernels, ``F.interpolate``, ``grid_sample`` and custom ops;
+* a manual self-attention term per attention layer (:data:`MANUAL_RULES`): ``2 * n**2 * D`` (global) or
+  ``2 * n * w**2 * D`` (window ``w``), ``n`` the patch tokens (class tokens and window padding ignored);
+* a manual deformable term per injector: ``5 * Lq * P * D`` with ``Lq`` the query tokens, ``P`` the sampling
+  points (4 in every official config) and ``D`` the query width; heads, levels and the value ratio are ignored.
+
+Detection and segmentation numbers were produced with a *classification* re-build of each config, the
+:func:`paper_twin`: position embeddings stored at the real grid, no class token, GroupNorm/Linear/GroupNorm merges,
+learnable branch weights, a LayerNorm over all tokens, a token mean and a 1000-way head; the detection merges, the
+feature pyramid and the necks are not part of it. Linear layers are counted on the unpadded tokens (the hook pass
+runs every block globally; the windows only enter the manual term).
+
+``full`` counts every multiply-add the real model executes on the real input shape with
+:class:`torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention kernels over padded windows,
+merges, the feature pyramid of ``features_only`` models) and the deformable sampling of ``piip_models::msda``
+(:func:`piip_models.kernels.msda_macs`: 5 MACs per sample and channel, with the real heads, levels and points).
+Element-wise work (norms, activations, softmax, additions, resizing) is not counted. Both conventions report MACs.
+
+Counting runs one forward: build the model on ``device="meta"`` to count anything, even 6B-parameter models, without
+computing and without memory (:func:`count_model` does; a few seconds per model, mostly spent building it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm as TimmLayerNorm
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+
+from .kernels import msda_macs
+from .layers.msdeform_attn import MSDeformAttn
+from .piip import PIIP
+
+__all__ = [
+    "BASELINES",
+    "CONVENTIONS",
+    "MANUAL_RULES",
+    "PAPER_RULES",
+    "PUBLISHED",
+    "Count",
+    "PublishedRow",
+    "baseline_of",
+    "build_model",
+    "count_flops",
+    "count_model",
+    "count_params",
+    "create",
+    "default_input_size",
+    "paper_twin",
+    "published_row",
+]
+
+Convention = Literal["paper", "full"]
+CONVENTIONS: tuple[str, ...] = ("paper", "full")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Paper convention: module rules (mmcv semantics) and manual terms
+
+
+def _linear(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> int:
+    return inputs[0].numel() * module.out_features
+
+
+def _conv(module: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> int:
+    per_output = math.prod(module.kernel_size) * module.in_channels // module.groups
+    return output.numel() * (per_output + (module.bias is not None))
+
+
+def _deconv(module: nn.ConvTranspose2d, inputs: tuple, output: torch.Tensor) -> int:
+    x = inputs[0]
+    positions = x.shape[0] * math.prod(x.shape[2:])
+    macs = positions * math.prod(module.kernel_size) * module.in_channels * module.out_channels // module.groups
+    return macs + (output.numel() if module.bias is not None else 0)
+
+
+def _norm(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+    affine = getattr(module, "affine", False) or getattr(module, "elementwise_affine", False)
+    return inputs[0].numel() * (2 if affine else 1)
+
+
+def _elementwise(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+    return inputs[0].numel()
+
+
+def _upsample(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+    return output.numel()
+
+
+ModuleRule = Callable[[nn.Module, tuple, Any], int]
+
+# Type-exact, as mmcv matches them. timm's LayerNorm stands in for the official models' nn.LayerNorm, so it counts;
+# subclasses and other norms (RMSNorm) do not.
+PAPER_RULES: dict[type[nn.Module], ModuleRule] = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Conv3d: _conv,
+    nn.ConvTranspose2d: _deconv,
+    nn.LayerNorm: _norm,
+    TimmLayerNorm: _norm,
+    nn.GroupNorm: _norm,
+    nn.BatchNorm1d: _norm,
+    nn.BatchNorm2d: _norm,
+    nn.InstanceNorm2d: _norm,
+    nn.ReLU: _elementwise,
+    nn.ReLU6: _elementwise,
+    nn.PReLU: _elementwise,
+    nn.ELU: _elementwise,
+    nn.LeakyReLU: _elementwise,
+    nn.MaxPool2d: _elementwise,
+    nn.AvgPool2d: _elementwise,
+    nn.AdaptiveAvgPool2d: _elementwise,
+    nn.AdaptiveMaxPool2d: _elementwise,
+    nn.Upsample: _upsample,
+}
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What the manual attention term needs to know about one attention layer."""
+
+    window: int = 0  # 0: global
+    prefix_tokens: int = 0  # class/register tokens in the sequence, left out of the term
+
+
+def _self_attention(module: nn.Module, inputs: tuple, output: Any, layout: AttentionLayout) -> int:
+    batch, tokens, dim = inputs[0].shape
+    patches = tokens - layout.prefix_tokens
+    keys = layout.window**2 if layout.window else patches
+    return batch * 2 * patches * keys * dim
+
+
+def _deformable(module: MSDeformAttn, inputs: tuple, output: Any, layout: AttentionLayout) -> int:
+    batch, queries, _ = inputs[0].shape
+    return batch * 5 * queries * module.n_points * module.d_model
+
+
+ManualRule = Callable[[nn.Module, tuple, Any, AttentionLayout], int]
+
+# Terms the official scripts add by hand for modules whose work the hooks do not see (type-exact).
+MANUAL_RULES: dict[type[nn.Module], ManualRule] = {
+    Attention: _self_attention,
+    MSDeformAttn: _deformable,
+}
+
+
+def _attention_layouts(model: nn.Module) -> dict[nn.Module, AttentionLayout]:
+    """Window and prefix-token count of every attention layer of the timm ViTs (PIIP branches included) in ``model``."""
+    layouts: dict[nn.Module, AttentionLayout] = {}
+    for module in model.modules():
+        if isinstance(module, VisionTransformer):
+            for block in module.blocks:
+                layouts[block.attn] = AttentionLayout(0, module.num_prefix_tokens)
+    for piip in _piip_modules(model):
+        for branch, windows in zip(piip.branches, piip.windows):
+            for block, window in zip(branch.blocks, windows):
+                layouts[block.attn] = AttentionLayout(window, branch.num_prefix_tokens)
+    return layouts
+
+
+def _piip_modules(model: nn.Module) -> list[PIIP]:
+    return [m for m in model.modules() if isinstance(m, PIIP)]
+
+
+@contextlib.contextmanager
+def _global_attention(model: nn.Module) -> Iterator[None]:
+    """Runs every PIIP block with global attention, so Linear layers see the unpadded tokens; restores the windows."""
+    saved = [(piip, piip.windows) for piip in _piip_modules(model)]
+    try:
+        for piip, windows in saved:
+            piip.windows = tuple(tuple(0 for _ in branch) for branch in windows)
+        yield
+    finally:
+        for piip, windows in saved:
+            piip.windows = windows
+
+
+def _paper_macs(model: nn.Module, x: torch.Tensor) -> int:
+    layouts = _attention_layouts(model)
+    total = 0
+
+    def add(count: int) -> None:
+        nonlocal total
+        total += count
+
+    handles = []
+    for module in model.modules():
+        rule = PAPER_RULES.get(type(module))
+        if rule is not None:
+            handles.append(module.register_forward_hook(lambda m, i, o, rule=rule: add(rule(m, i, o))))
+        manual = MANUAL_RULES.get(type(module))
+        if manual is not None:
+            layout = layouts.get(module, AttentionLayout())
+            handles.append(
+                module.register_forward_hook(lambda m, i, o, f=manual, lay=layout: add(f(m, i, o, lay)))
+            )
+    try:
+        with _global_attention(model), torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+@register_flop_formula(torch.ops.piip_models.msda)
+def _msda_flops(value_shape, spatial_shapes, sampling_locations_shape, *args, out_shape=None, **kwargs) -> int:
+    # FlopCounterMode counts a multiply-add as 2 FLOPs
+    return 2 * msda_macs(value_shape, sampling_locations_shape)
+
+
+def _full_macs(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() // 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+
+
+def count_params(model: nn.Module, convention: Convention = "paper") -> int:
+    """Parameters of ``model``: trainable ones (``paper``, mmcv's rule) or all of them (``full``)."""
+    _check_convention(convention)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or convention == "full")
+
+
+def default_input_size(model: nn.Module) -> int:
+    """Side of the square input the paper convention uses: the last branch's size (else the model's input size)."""
+    piips = _piip_modules(model)
+    if piips:
+        return piips[0].branch_sizes[-1]
+    return model.pretrained_cfg["input_size"][-1]
+
+
+def count_flops(
+    model: nn.Module,
+    input_size: int | tuple[int, int] | None = None,
+    convention: Convention = "paper",
+    batch_size: int = 1,
+) -> int:
+    """Multiply-accumulates per image of one forward of ``model``.
+
+    Args:
+        model: Any model; build it on ``device="meta"`` to count without computing. Its parameters' device and
+            dtype are used for the input.
+        input_size: Square side or ``(H, W)``; :func:`default_input_size` when None.
+        convention: ``'paper'`` (official mmcv hooks and manual terms) or ``'full'`` (every executed multiply-add,
+            ``torch.utils.flop_counter`` with the MSDA formula).
+        batch_size: Images per forward; the count is divided by it.
+
+    Returns:
+        MACs per image.
+    """
+    _check_convention(convention)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    size = input_size if input_size is not None else default_input_size(model)
+    height, width = (size, size) if isinstance(size, int) else size
+    param = next(model.parameters())
+    channels = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3,))[0]
+    x = torch.zeros(batch_size, channels, height, width, device=param.device, dtype=param.dtype)
+    if convention == "paper":
+        return _paper_macs(model, x) // batch_size
+    return _full_macs(model, x) // batch_size
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The models the official numbers were computed with
+
+
+def _classification_twin(model: nn.Module) -> nn.Module:
+    """The classification re-build of a dense PIIP (official ``convert_mmdet_config``); classifiers as they are."""
+    if not isinstance(model, PIIP) or model.head_type == "separate":
+        return model
+    branches = tuple(replace(cfg, pos_embed_size=None) for cfg in model.branch_cfgs)
+    return PIIP(
+        branches,
+        model.interaction_cfg,
+        num_classes=1000,
+        in_chans=model.in_chans,
+        global_pool="avg",
+        head_type="merged",
+        class_token=False,
+        branch_sizes=model.branch_sizes,
+        device="meta",
+    )
+
+
+TwinBuilder = Callable[[nn.Module], nn.Module]
+
+# fnmatch pattern of architecture names -> builder of the paper-convention twin from the registered model (on meta);
+# the first match wins. Families the official scripts counted differently (e.g. LLaVA towers) add their builder here.
+TWIN_BUILDERS: list[tuple[str, TwinBuilder]] = [("*", _classification_twin)]
+
+
+def _architecture(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture", "") or ""
+
+
+def create(model_name: str, device: torch.device | str = "meta", **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` without pretrained weights; timm baselines that support it (ViTs) take any input size
+    (``dynamic_img_size=True``), as PIIP models do."""
+    if not fnmatch.fnmatch(model_name, "piip_*"):
+        try:
+            return timm.create_model(model_name, pretrained=False, device=device, dynamic_img_size=True, **kwargs)
+        except TypeError:
+            pass
+    return timm.create_model(model_name, pretrained=False, device=device, **kwargs)
+
+
+def paper_twin(model: str | nn.Module) -> nn.Module:
+    """The model the official #Param/#FLOPs were counted with, on the meta device.
+
+    Classification models are themselves; dense PIIP backbones become the classification re-build (position
+    embeddings at the real grid, no class token, GroupNorm/Linear merges, LayerNorm, token mean, 1000-way head).
+
+    Args:
+        model: A registered model name, or a model built from one (its ``pretrained_cfg`` names the architecture).
+    """
+    if isinstance(model, str):
+        model = create(model)
+    name = _architecture(model)
+    builder = next(build for pattern, build in TWIN_BUILDERS if fnmatch.fnmatch(name, pattern))
+    return builder(model).eval()
+
+
+def build_model(model_name: str, device: torch.device | str = "meta") -> nn.Module:
+    """The registered model as it runs (random weights, eval mode): dense backbones with their feature pyramid
+    (``features_only=True``), classifiers as they are."""
+    model = create(model_name, device)
+    if isinstance(model, PIIP) and model.head_type == "dense":
+        model = create(model_name, device, features_only=True)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class Count:
+    """Parameters and multiply-accumulates (per image) of one model in one convention."""
+
+    model: str
+    convention: str
+    input_size: tuple[int, int]
+    params: int
+    flops: int
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_model(model_name: str, convention: str) -> nn.Module:
+    # Meta models hold no data; counting restores whatever it changes, so one build serves every input size.
+    return paper_twin(model_name) if convention == "paper" else build_model(model_name)
+
+
+def count_model(
+    model: str | nn.Module, convention: Convention = "paper", input_size: int | tuple[int, int] | None = None
+) -> Count:
+    """Counts a registered model without computing: its :func:`paper_twin` for ``paper``, the model as it runs
+    (:func:`build_model`: dense backbones with their feature pyramid) for ``full``.
+
+    Args:
+        model: A timm model name (``piip_*`` or a timm baseline), or a model (counted as it is for ``full``).
+        convention: ``'paper'`` or ``'full'``.
+        input_size: Square side or ``(H, W)``; the last branch's size (the model's input size) when None.
+    """
+    _check_convention(convention)
+    if isinstance(model, str):
+        name, counted = model, _meta_model(model, convention)
+    else:
+        name, counted = _architecture(model), paper_twin(model) if convention == "paper" else model
+    size = input_size if input_size is not None else default_input_size(counted)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return Count(name, convention, size, count_params(counted, convention), count_flops(counted, size, convention))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Published numbers (official README columns, piip_official.md §5 and §9) and baselines
+
+
+@dataclass(frozen=True)
+class PublishedRow:
+    """One published #Param/#FLOPs pair and where it comes from.
+
+    Attributes:
+        model: Registered model name (rows of families not registered yet are kept; tests skip them).
+        params: Published #Param (None when the table has no such column).
+        flops: Published #FLOPs (MACs per image, as the README counts them).
+        source: Reference section(s).
+        reference_params: Independent re-derivation in the same convention (§9), more digits than the README.
+        reference_flops: Same for FLOPs.
+        exception: Why the published FLOPs are not reproduced (then ``reference_flops`` is what the convention gives).
+    """
+
+    model: str
+    params: float | None
+    flops: float
+    source: str
+    reference_params: float | None = None
+    reference_flops: float | None = None
+    exception: str = ""
+
+
+M, G = 1e6, 1e9
+_AUGREG_EXCEPTION = (
+    "piip_official.md §8.19: the AugReg SBL FLOPs of mmdetection/README.md are not reproduced by the convention "
+    "that reproduces every other number (their w/o - w/ difference is); treated as an older setting"
+)
+
+PUBLISHED: tuple[PublishedRow, ...] = (
+    # ImageNet-1k (§5.6, §9.2, §9.3)
+    PublishedRow("piip_tsb", 144 * M, 17.4 * G, "§5.6, §9.2", 144_031_416, 17_427_523_392),
+    PublishedRow("piip_sbl", 489 * M, 61.2 * G, "§5.6, §9.3", 488_925_880, 61.19 * G),
+    PublishedRow("piip_sbl_320_160_96", 489 * M, 39.0 * G, "§5.6, §9.3", 488_795_832, 39.02 * G),
+    # COCO Mask R-CNN, DeiT-based (§5.1, §9.4, §9.5)
+    PublishedRow("piip_baseline_vit_b_1024", 90 * M, 463 * G, "§5.1, §9.5", 89.58 * M, 463.41 * G),
+    PublishedRow("piip_tsb_1120_896_448", 146 * M, 243 * G, "§5.1, §9.5", 146.44 * M, 243.13 * G),
+    PublishedRow("piip_tsb_1568_896_448", 147 * M, 287 * G, "§5.1, §9.5", 147.34 * M, 286.62 * G),
+    PublishedRow("piip_tsb_1568_1120_672", 149 * M, 453 * G, "§5.1, §9.4", 148.77 * M, 453.25 * G),
+    PublishedRow("piip_baseline_vit_l_1024", 308 * M, 1542 * G, "§5.1, §9.5", 308.37 * M, 1541.77 * G),
+    PublishedRow("piip_sbl_1120_672_448", 493 * M, 727 * G, "§5.1, §9.5", 492.67 * M, 726.64 * G),
+    PublishedRow("piip_sbl_1344_896_448", 495 * M, 1002 * G, "§5.1, §9.5", 494.56 * M, 1001.76 * G),
+    PublishedRow("piip_sbl_1568_896_672", 497 * M, 1464 * G, "§5.1, §9.5", 496.54 * M, 1463.53 * G),
+    PublishedRow("piip_tsbl_1344_896_672_448", 506 * M, 755 * G, "§5.1, §9.5", 505.56 * M, 754.65 * G),
+    PublishedRow("piip_tsbl_1568_1120_672_448", 507 * M, 861 * G, "§5.1, §9.5", 506.73 * M, 860.96 * G),
+    PublishedRow("piip_tsbl_1792_1568_1120_448", 512 * M, 1535 * G, "§5.1, §9.5", 511.51 * M, 1534.62 * G),
+    # COCO "faster training" table (§5.4): AugReg SBL without/with the speedup interactions
+    PublishedRow(
+        "piip_sbl_1568_1120_672_augreg", 498 * M, 1874 * G, "§5.4, §8.19", 497.9 * M, 1709.0 * G, _AUGREG_EXCEPTION
+    ),
+    PublishedRow(
+        "piip_sbl_1568_1120_672_augreg_speedup", 470 * M, 1741 * G, "§5.4, §8.19", 470.4 * M, 1575.5 * G,
+        _AUGREG_EXCEPTION,
+    ),
+    # InternViT-6B family (§5.1, §5.4, §5.5, §9.5)
+    PublishedRow("piip_baseline_internvit_6b_1024", 5919 * M, 29323 * G, "§5.1, §9.5", 5918.86 * M, 29323.2 * G),
+    PublishedRow("piip_h6b_1024_512", 6872 * M, 11080 * G, "§5.1, §9.5", 6872.34 * M, 11079.8 * G),
+    PublishedRow("piip_h6b_1024_512_speedup", 6752 * M, 10692 * G, "§5.4, §9.5", 6751.54 * M, 10691.5 * G),
+    PublishedRow("piip_baseline_internvit_6b_512", 5910 * M, 6364 * G, "§5.5, §9.5", 5909.03 * M, 6364.4 * G),
+    PublishedRow("piip_h6b_512_192", 6745 * M, 1663 * G, "§5.5, §9.5", 6744.80 * M, 1662.7 * G),
+    PublishedRow("piip_h6b_512_256", 6745 * M, 2354 * G, "§5.5, §9.5", 6745.15 * M, 2354.8 * G),
+    PublishedRow("piip_h6b_512_384", 6746 * M, 4374 * G, "§5.5, §9.5", 6746.18 * M, 4374.6 * G),
+    PublishedRow("piip_h6b_512_512", 6747 * M, 7308 * G, "§5.5, §9.5", 6747.61 * M, 7308.1 * G),
+    # ConvNeXt (§5.3; FLOPs only)
+    PublishedRow("piip_baseline_convnext_b_1024", None, 321 * G, "§5.3, §9.5", None, 321.0 * G),
+    PublishedRow("piip_ct_cs_cb_1024_672_448", None, 326 * G, "§5.3"),
+    PublishedRow("piip_ct_vs_vb_1024_672_448", None, 373 * G, "§5.3"),
+    PublishedRow("piip_ct_cs_vb_1024_672_448", None, 431 * G, "§5.3"),
+    PublishedRow("piip_ct_vs_cb_1024_672_448", None, 297 * G, "§5.3"),
+    PublishedRow("piip_vt_cs_vb_1024_672_448", None, 291 * G, "§5.3"),
+    PublishedRow("piip_vt_cs_cb_1024_672_448", None, 231 * G, "§5.3"),
+    PublishedRow("piip_vt_vs_cb_1024_672_448", None, 193 * G, "§5.3"),
+    # PIIP-LLaVA vision towers (§5.7; FLOPs of the tower only)
+    PublishedRow("piip_baseline_clip_l_336", None, 191 * G, "§5.7, §9.5", None, 191.0 * G),
+    PublishedRow("piip_llava_clip_bl_512_256", None, 193 * G, "§5.7, §9.5", None, 193.5 * G),
+    PublishedRow("piip_llava_clip_bl_512_448", None, 422 * G, "§5.7, §9.5", None, 422.6 * G),
+    PublishedRow("piip_llava_convnext_b_clip_l_640_224", None, 191 * G, "§5.7, §9.5", None, 191.3 * G),
+    PublishedRow("piip_llava_convnext_b_clip_l_1024_336", None, 598 * G, "§5.7, §9.5", None, 598.2 * G),
+    PublishedRow("piip_llava_convnext_l_clip_l_1024_336", None, 1037 * G, "§5.7, §9.5", None, 1037.7 * G),
+)
+
+
+def published_row(model_name: str) -> PublishedRow | None:
+    """The published numbers of a model, if any."""
+    return next((row for row in PUBLISHED if row.model == model_name), None)
+
+
+# fnmatch pattern -> the single-branch baseline a PIIP model is compared with (first match wins): the paper's
+# detection baselines, and timm ViTs at 224 for the classifiers (arXiv:2406.04330, Table 2).
+BASELINES: tuple[tuple[str, str], ...] = (
+    ("piip_baseline_*", ""),
+    ("piip_tsb", "deit_base_patch16_224"),
+    ("piip_sbl", "vit_large_patch16_224"),
+    ("piip_sbl_320_160_96", "vit_large_patch16_224"),
+    ("piip_tsbl", "deit3_large_patch16_224"),
+    ("piip_tsb_*", "piip_baseline_vit_b_1024"),
+    ("piip_sbl_*", "piip_baseline_vit_l_1024"),
+    ("piip_tsbl_*", "piip_baseline_vit_l_1024"),
+    ("piip_h6b_512_*", "piip_baseline_internvit_6b_512"),
+    ("piip_*h6b_*", "piip_baseline_internvit_6b_1024"),
+    ("piip_[cv]t_[cv]s_[cv]b_*", "piip_baseline_convnext_b_1024"),
+    ("piip_llava_*", "piip_baseline_clip_l_336"),
+)
+
+
+def baseline_of(model_name: str) -> str | None:
+    """The single-branch baseline of a PIIP model (None for baselines and models without one)."""
+    for pattern, baseline in BASELINES:
+        if fnmatch.fnmatch(model_name, pattern):
+            return baseline or None
+    return None
