@@ -17,6 +17,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN
 from timm.layers import GELUTanh, resample_abs_pos_embed
 
 import piip_models
@@ -33,7 +34,7 @@ from .test_pretrained import REVISION, run_offline
 H6B_DET = ["piip_h6b_1024_512", "piip_h6b_1024_512_speedup", "piip_h6b_1024_768_dino"]
 H6B_SEG = ["piip_h6b_512_192", "piip_h6b_512_256", "piip_h6b_512_384", "piip_h6b_512_512"]
 LH6B = ["piip_lh6b_1536_1024_512", "piip_lh6b_1536_1024_512_dino"]
-ALL_6B = H6B_DET + H6B_SEG + LH6B + ["piip_baseline_internvit_6b_1024"]
+ALL_6B = H6B_DET + H6B_SEG + LH6B + ["piip_baseline_internvit_6b_1024", "piip_baseline_internvit_6b_512"]
 NO_PROJ_NO_NORM = InteractionCfg(with_proj=False, with_norm=False)
 D6B, DH, DL = 3200, 1280, 1024
 
@@ -353,6 +354,14 @@ def test_baseline_parameter_count():
     official = _vit(D6B, 48, 197, 12) + 2 * (4 * D6B * D6B + D6B) + 2 * D6B + (4 * D6B * D6B + D6B)
     model = timm.create_model("piip_baseline_internvit_6b_1024", with_fpn=True, device="meta")
     assert n_params(model) == official - D6B
+
+
+def test_segmentation_baseline_is_the_512_encoder_with_fused_mlps():
+    model = timm.create_model("piip_baseline_internvit_6b_512", device="meta")
+    branch = model.branches[0]
+    assert model.branch_sizes == (512,) and branch.pos_embed.shape == (1, 32 * 32, D6B)
+    assert type(branch.blocks[0].mlp.act) is GELUTanh
+    assert model.pretrained_cfg["mean"] == IMAGENET_DEFAULT_MEAN
 
 
 def _readme_params(branches: tuple[BranchCfg, ...], interaction: InteractionCfg, slots: int) -> float:

@@ -25,7 +25,7 @@ INTERNVIT_6B_BACKBONES = [
     "piip_h6b_1024_512", "piip_h6b_1024_512_speedup", "piip_h6b_1024_768_dino",
     "piip_lh6b_1536_1024_512", "piip_lh6b_1536_1024_512_dino",
     "piip_h6b_512_192", "piip_h6b_512_256", "piip_h6b_512_384", "piip_h6b_512_512",
-    "piip_baseline_internvit_6b_1024",
+    "piip_baseline_internvit_6b_1024", "piip_baseline_internvit_6b_512",
 ]
 REGISTERED = CLASSIFIERS + DENSE_BACKBONES + INTERNVIT_6B_BACKBONES
 

@@ -158,7 +158,8 @@ def _deformable(module: MSDeformAttn, inputs: tuple, output: Any, layout: Attent
 
 ManualRule = Callable[[nn.Module, tuple, Any, AttentionLayout], int]
 
-# Terms the official scripts add by hand for modules whose work the hooks do not see (type-exact).
+# Terms the official scripts add by hand, from their configs, for every attention layer whose work the hooks do not
+# see; matched by isinstance, so attention variants (InternViT-6B, windowed BEiT) get the same term.
 MANUAL_RULES: dict[type[nn.Module], ManualRule] = {
     Attention: _self_attention,
     MSDeformAttn: _deformable,
@@ -209,7 +210,7 @@ def _paper_macs(model: nn.Module, x: torch.Tensor) -> int:
         rule = PAPER_RULES.get(type(module))
         if rule is not None:
             handles.append(module.register_forward_hook(lambda m, i, o, rule=rule: add(rule(m, i, o))))
-        manual = MANUAL_RULES.get(type(module))
+        manual = next((rule for kind, rule in MANUAL_RULES.items() if isinstance(module, kind)), None)
         if manual is not None:
             layout = layouts.get(module, AttentionLayout())
             handles.append(
