@@ -188,5 +188,8 @@ def test_dense_models_default_to_no_classes_and_detection_normalisation():
     for name in DENSE:
         cfg = timm.get_pretrained_cfg(name)
         assert cfg.num_classes == 0 and cfg.classifier == "head"
-        imagenet = name == "piip_sbl_1792_1120_672_dino" or name.startswith("piip_h6b_512_")  # DINO-DeiT, ADE20K
+        # DINO-DeiT and the ADE20K segmentation models use ImageNet statistics
+        imagenet = name in ("piip_sbl_1792_1120_672_dino", "piip_baseline_internvit_6b_512") or name.startswith(
+            "piip_h6b_512_"
+        )
         assert cfg.mean == ((0.485, 0.456, 0.406) if imagenet else (0.5, 0.5, 0.5))
