@@ -9,8 +9,9 @@ torchvision's ``BackboneWithFPN``), which feeds a stock torchvision :class:`~tor
 
 The defaults are sized for a laptop CPU (random weights, 224 px images, few RPN proposals). For real training:
 
-* ``--pretrained`` builds the backbone with ``pretrained=True``: the timm branch weights (or a full PIIP checkpoint
-  where the model has one) are fetched from the Hugging Face Hub; interactions and merges start from their
+* ``--pretrained`` builds the backbone with ``pretrained=True``: the released COCO backbone of the model
+  (``OpenGVLab/PIIP``, e.g. ``piip_tsb_1120_896_448.coco_mask_rcnn``) is fetched from the Hugging Face Hub; with
+  ``--model <name>.branches`` only the timm branch weights load, and interactions and merges start from their
   zero-gated init, so the pyramid starts out as the independent pretrained branches.
 * Replace :func:`synthetic_batch` with a real dataset (e.g. ``torchvision.datasets.CocoDetection`` wrapped by
   ``torchvision.datasets.wrap_dataset_for_transforms_v2``): images as float ``[0, 1]`` CHW tensors and targets as

@@ -46,8 +46,8 @@ def test_pretrained_branches_load_from_seeded_offline_cache(tmp_path):
         src = torch.load({str(tmp_path / "source.pt")!r})
         branches = (BranchCfg("test_vit.r160_in1k", 64, even_segments(6, 3)),
                     BranchCfg("test_vit.r160_in1k", 128, even_segments(6, 3)))
-        # a registered entrypoint with other branches: the same _create_piip path as piip_tsb
-        model = timm.create_model("piip_tsb", pretrained=True, branches=branches)
+        # a registered entrypoint with other branches: the same _create_piip path as piip_tsb.branches
+        model = timm.create_model("piip_tsb.branches", pretrained=True, branches=branches)
         custom = piip_models.create_pyramid([("test_vit.r160_in1k", 64), ("test_vit.r160_in1k", 128)],
                                             num_interactions=3, pretrained=True)
         for m in (model, custom):
@@ -60,7 +60,7 @@ def test_pretrained_branches_load_from_seeded_offline_cache(tmp_path):
             gates = [p for n, p in m.named_parameters() if n.endswith(("ca_gamma", "cffn_gamma"))]
             assert gates and all(g.abs().sum() == 0 for g in gates)
         # features_only wraps the model before the branches load
-        feats = timm.create_model("piip_tsb", pretrained=True, branches=branches, features_only=True)
+        feats = timm.create_model("piip_tsb.branches", pretrained=True, branches=branches, features_only=True)
         assert torch.equal(feats.model.branches[1].blocks[3].mlp.fc1.weight, src["blocks.3.mlp.fc1.weight"])
         print("ok", sum(p.numel() for p in model.parameters()))
     """)
@@ -75,7 +75,7 @@ def test_pretrained_without_cache_fails_fast_offline(tmp_path):
                     BranchCfg("test_vit.r160_in1k", 128, even_segments(6, 3)))
         start = time.time()
         try:
-            timm.create_model("piip_tsb", pretrained=True, branches=branches)
+            timm.create_model("piip_tsb.branches", pretrained=True, branches=branches)
         except Exception as e:
             print(type(e).__name__, round(time.time() - start, 1), str(e)[:300])
     """)

@@ -10,7 +10,7 @@ from typing import Any
 
 import timm
 
-from . import internvit, piip, piip_h6b, windowed_beit
+from . import hub, internvit, piip, piip_h6b, windowed_beit
 from .piip import PIIP, BranchCfg, InteractionCfg, create_pyramid, even_segments
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "create_model",
     "create_pyramid",
     "even_segments",
+    "hub",
     "internvit",
     "list_models",
     "piip",

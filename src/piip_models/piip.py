@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Literal
 
 import timm
@@ -34,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, resample_abs_pos_embed
+from timm.layers import DropPath, LayerNorm2d, resample_abs_pos_embed
 from timm.models import (
     build_model_with_cfg,
     generate_default_cfgs,
@@ -45,6 +46,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import VisionTransformer
 
+from .hub import load_checkpoint, official_checkpoint, prepare_pretrained_cfg
 from .layers.interaction import BranchGeometry, InteractionBlock, init_piip_weights
 from .layers.msdeform_attn import reference_points
 from .layers.window_attention import WindowPadding, block_forward
@@ -141,11 +143,21 @@ def dense_merge(in_dim: int, out_dim: int, dd: dict[str, Any]) -> nn.Sequential:
     )
 
 
-def simple_feature_pyramid(dim: int, levels: Sequence[int], dd: dict[str, Any]) -> nn.ModuleDict:
-    """ViTDet-style maps at 1/4, 1/2, 1 and 2 times the input stride (``p2`` .. ``p5``), for the chosen levels."""
+def simple_feature_pyramid(
+    dim: int, levels: Sequence[int], dd: dict[str, Any], norm: Literal["group", "layer"] = "group"
+) -> nn.ModuleDict:
+    """ViTDet-style maps at 1/4, 1/2, 1 and 2 times the input stride (``p2`` .. ``p5``), for the chosen levels.
+
+    ``norm`` is the normalisation inside ``p2``: GroupNorm(32) in the official PIIP backbones, a channels-first
+    LayerNorm in the official single-ViT baselines.
+    """
+    if norm not in ("group", "layer"):
+        raise ValueError(f"fpn_norm must be 'group' or 'layer', got {norm!r}")
     builders = {
         0: lambda: nn.Sequential(
-            nn.ConvTranspose2d(dim, dim, 2, 2, **dd), _group_norm(dim, dd), nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, 2, **dd),
+            _group_norm(dim, dd) if norm == "group" else LayerNorm2d(dim, eps=1e-6, **dd),
+            nn.GELU(),
             nn.ConvTranspose2d(dim, dim, 2, 2, **dd),
         ),
         1: lambda: nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2, **dd)),
@@ -182,6 +194,7 @@ class PIIP(nn.Module):
         window_padding: WindowPadding = "before_qkv",
         with_fpn: bool = False,
         fpn_levels: Sequence[int] = (0, 1, 2, 3),
+        fpn_norm: Literal["group", "layer"] = "group",
         drop_rate: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -207,6 +220,8 @@ class PIIP(nn.Module):
                 (``features_only=True`` turns it on for dense models). Without it the taps are interaction stages.
             fpn_levels: Pyramid levels, indices of strides ``(1/4, 1/2, 1, 2) x`` the last branch's patch size;
                 ``(1, 2, 3)`` for DINO.
+            fpn_norm: Normalisation inside the stride-4 level: ``'group'`` (GroupNorm(32), the PIIP backbones) or
+                ``'layer'`` (channels-first LayerNorm, the official single-ViT baselines).
             drop_rate: Dropout before the classifier.
             device: Parameter device.
             dtype: Parameter dtype.
@@ -298,7 +313,7 @@ class PIIP(nn.Module):
 
         patch = self.patch_sizes[-1][0]
         if with_fpn:
-            self.fpn = simple_feature_pyramid(merge_dim, fpn_levels, dd)
+            self.fpn = simple_feature_pyramid(merge_dim, fpn_levels, dd, fpn_norm)
             self.fpn.apply(init_piip_weights)
             self.feature_info = [
                 dict(num_chs=merge_dim, reduction=int(patch * 2.0 ** (level - 2)), module=f"fpn.p{level + 2}")
@@ -707,6 +722,15 @@ class PIIP(nn.Module):
                 cache_dir=cache_dir,
             )
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str, strict: bool = True) -> None:
+        """Loads an official OpenGVLab/PIIP or piip-models checkpoint file (safetensors, or a weights-only pickle).
+
+        Official layouts are converted and detector heads dropped; a checkpoint that does not fit raises before any
+        parameter changes. timm calls this for tags with a released checkpoint (``custom_load``).
+        """
+        load_checkpoint(self, checkpoint_path, strict=strict)
+
 
 def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
     pretrained_cfg = resolve_pretrained_cfg(
@@ -717,6 +741,8 @@ def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
     cache_dir = kwargs.pop("cache_dir", None)
     # Without a full PIIP checkpoint, pretrained=True means "pretrained branches, fresh interactions".
     load_branches = pretrained and not pretrained_cfg.has_weights
+    if pretrained and not load_branches:
+        pretrained_cfg = prepare_pretrained_cfg(pretrained_cfg, cache_dir)
     if kwargs.get("head_type") == "dense" and kwargs.get("features_only"):
         kwargs.setdefault("with_fpn", True)
     if kwargs.get("with_fpn"):
@@ -730,7 +756,7 @@ def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
         variant,
         pretrained and not load_branches,
         pretrained_cfg=pretrained_cfg,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get("pretrained_strict", True)),
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         cache_dir=cache_dir,
         **kwargs,
@@ -741,8 +767,13 @@ def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
     return model
 
 
-def _cfg(input_size: int, num_branches: int, head_type: str = "separate", **kwargs) -> dict[str, Any]:
+def _cfg(
+    input_size: int, num_branches: int, head_type: str = "separate", file: str | None = None, **kwargs
+) -> dict[str, Any]:
+    """A pretrained cfg; ``file`` is the tag's released checkpoint in ``OpenGVLab/PIIP`` (without one,
+    ``pretrained=True`` loads the timm branches)."""
     classifier = "head" if head_type != "separate" else tuple(f"branches.{k}.head" for k in range(num_branches))
+    weights = {**official_checkpoint(file), "notes": (_OFFICIAL_NOTE,)} if file else {"notes": (_BRANCH_INIT_NOTE,)}
     return {
         "num_classes": 1000,
         "input_size": (3, input_size, input_size),
@@ -758,43 +789,84 @@ def _cfg(input_size: int, num_branches: int, head_type: str = "separate", **kwar
         "paper_ids": "arXiv:2406.04330",
         "paper_name": "Parameter-Inverted Image Pyramid Networks",
         "origin_url": "https://github.com/OpenGVLab/PIIP",
+        **weights,
         **kwargs,
     }
 
 
 _BRANCH_INIT_NOTE = "timm-pretrained branches with zero-initialised interactions (pretrained=True loads the branches)"
+_OFFICIAL_NOTE = "official OpenGVLab/PIIP checkpoint, converted to piip-models names on load"
 
 # Detection configs normalise to [-1, 1] (mean = std = 127.5); the DINO config uses ImageNet statistics.
 _DET_NORM = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+_DINO_NORM = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
-def _dense_cfg(input_size: int, num_branches: int, **kwargs) -> dict[str, Any]:
-    kwargs = {**_DET_NORM, **kwargs}
-    return _cfg(input_size, num_branches, "dense", num_classes=0, notes=(_BRANCH_INIT_NOTE,), **kwargs)
+def _dense_cfg(input_size: int, num_branches: int, file: str | None = None, **kwargs) -> dict[str, Any]:
+    return _cfg(input_size, num_branches, "dense", file, num_classes=0, **{**_DET_NORM, **kwargs})
 
 
+# The first tag of a model is its default: the released checkpoint where one exists, then `branches`.
 default_cfgs = generate_default_cfgs({
-    "piip_tsb.branches": _cfg(368, 3, notes=(_BRANCH_INIT_NOTE,)),
-    "piip_sbl.branches": _cfg(384, 3, notes=(_BRANCH_INIT_NOTE,)),
-    "piip_sbl_320_160_96.branches": _cfg(320, 3, notes=(_BRANCH_INIT_NOTE,)),
-    "piip_tsbl.branches": _cfg(384, 4, notes=(_BRANCH_INIT_NOTE,)),
+    "piip_tsb.in1k": _cfg(368, 3, file="classification/piip_3branch_tsb_368-192-128_cls_token_deit1.pth"),
+    "piip_tsb.branches": _cfg(368, 3),
+    "piip_sbl.in1k": _cfg(384, 3, file="classification/piip_3branch_sbl_384-192-128_cls_token_augreg.pth"),
+    "piip_sbl.branches": _cfg(384, 3),
+    "piip_sbl_320_160_96.in1k": _cfg(
+        320, 3, file="classification/piip_3branch_sbl_320-160-96_cls_token_augreg.pth"),
+    "piip_sbl_320_160_96.branches": _cfg(320, 3),
+    "piip_tsbl.branches": _cfg(384, 4),
+    "piip_tsb_1120_896_448.coco_mask_rcnn": _dense_cfg(
+        1120, 3, file="detection/mask_rcnn_deit_tsb_1120_896_448_fpn_1x_coco_bs16.pth"),
     "piip_tsb_1120_896_448.branches": _dense_cfg(1120, 3),
+    "piip_tsb_1568_896_448.coco_mask_rcnn": _dense_cfg(
+        1568, 3, file="detection/mask_rcnn_deit_tsb_1568_896_448_fpn_1x_coco_bs16.pth"),
     "piip_tsb_1568_896_448.branches": _dense_cfg(1568, 3),
+    "piip_tsb_1568_1120_672.coco_mask_rcnn": _dense_cfg(
+        1568, 3, file="detection/mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16.pth"),
     "piip_tsb_1568_1120_672.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1120_672_448.coco_mask_rcnn": _dense_cfg(
+        1120, 3, file="detection/mask_rcnn_deit_sbl_1120_672_448_fpn_1x_coco_bs16.pth"),
     "piip_sbl_1120_672_448.branches": _dense_cfg(1120, 3),
+    "piip_sbl_1344_896_448.coco_mask_rcnn": _dense_cfg(
+        1344, 3, file="detection/mask_rcnn_deit_sbl_1344_896_448_fpn_1x_coco_bs16.pth"),
     "piip_sbl_1344_896_448.branches": _dense_cfg(1344, 3),
+    "piip_sbl_1568_896_672.coco_mask_rcnn": _dense_cfg(
+        1568, 3, file="detection/mask_rcnn_deit_sbl_1568_896_672_fpn_1x_coco_bs16.pth"),
     "piip_sbl_1568_896_672.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1568_1120_672.coco_mask_rcnn": _dense_cfg(
+        1568, 3, file="detection/mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16.pth"),
     "piip_sbl_1568_1120_672.branches": _dense_cfg(1568, 3),
+    "piip_tsbl_1344_896_672_448.coco_mask_rcnn": _dense_cfg(
+        1344, 4, file="detection/mask_rcnn_deit_tsbl_1344_896_672_448_fpn_1x_coco_bs16.pth"),
     "piip_tsbl_1344_896_672_448.branches": _dense_cfg(1344, 4),
+    "piip_tsbl_1568_1120_672_448.coco_mask_rcnn": _dense_cfg(
+        1568, 4, file="detection/mask_rcnn_deit_tsbl_1568_1120_672_448_fpn_1x_coco_bs16.pth"),
     "piip_tsbl_1568_1120_672_448.branches": _dense_cfg(1568, 4),
+    "piip_tsbl_1792_1568_1120_448.coco_mask_rcnn": _dense_cfg(
+        1792, 4, file="detection/mask_rcnn_deit_tsbl_1792_1568_1120_448_fpn_1x_coco_bs16.pth"),
     "piip_tsbl_1792_1568_1120_448.branches": _dense_cfg(1792, 4),
-    "piip_sbl_1792_1120_672_dino.branches": _dense_cfg(1792, 3, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD),
+    "piip_sbl_1792_1120_672_dino.coco_dino": _dense_cfg(
+        1792, 3, file="detection/dino_4scale_deit_384_sbl_1792_1120_672_fpn_3x_coco_bs32_ms.pth", **_DINO_NORM),
+    "piip_sbl_1792_1120_672_dino.branches": _dense_cfg(1792, 3, **_DINO_NORM),
+    "piip_sbl_1568_1120_672_augreg.coco_mask_rcnn": _dense_cfg(
+        1568, 3, file="detection/mask_rcnn_augreg_sbl_1568_1120_672_fpn_1x_coco_bs16.pth"),
     "piip_sbl_1568_1120_672_augreg.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1568_1120_672_augreg_speedup.coco_mask_rcnn": _dense_cfg(
+        1568, 3, file="detection/mask_rcnn_augreg_sbl_1568_1120_672_fpn_1x_coco_bs16_speedup.pth"),
     "piip_sbl_1568_1120_672_augreg_speedup.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1568_1120_672_mae.coco_mask_rcnn": _dense_cfg(
+        1568, 3, file="detection/mask_rcnn_mae_sbl_1568_1120_672_fpn_1x_coco_bs16.pth"),
     "piip_sbl_1568_1120_672_mae.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1568_1120_672_dinov2.coco_mask_rcnn": _dense_cfg(
+        1568, 3, file="detection/mask_rcnn_dinov2_sbl_1568_1120_672_fpn_1x_coco_bs16.pth"),
     "piip_sbl_1568_1120_672_dinov2.branches": _dense_cfg(1568, 3),
     "piip_sbl_1568_1120_672_beitv2.branches": _dense_cfg(1568, 3),
+    "piip_baseline_vit_b_1024.coco_mask_rcnn": _dense_cfg(
+        1024, 1, file="detection/mask_rcnn_deit_vit_b_fpn_1x_coco_bs16.pth"),
     "piip_baseline_vit_b_1024.branches": _dense_cfg(1024, 1),
+    "piip_baseline_vit_l_1024.coco_mask_rcnn": _dense_cfg(
+        1024, 1, file="detection/mask_rcnn_deit_vit_l_fpn_1x_coco_bs16.pth"),
     "piip_baseline_vit_l_1024.branches": _dense_cfg(1024, 1),
 })
 
@@ -1063,18 +1135,20 @@ def piip_sbl_1568_1120_672_beitv2(pretrained: bool = False, **kwargs) -> PIIP:
 
 @register_model
 def piip_baseline_vit_b_1024(pretrained: bool = False, **kwargs) -> PIIP:
-    """Single-branch DeiT III-B @1024 baseline: window 14, global attention every 3rd block, simple feature pyramid."""
+    """Single-branch DeiT III-B @1024 baseline: window 14, global attention every 3rd block, simple feature pyramid
+    (channels-first LayerNorm in its stride-4 level, as the official ``vit_models``)."""
     branch = _deit3_det("base", 1024, 0.15, 14, global_every=3)
     branch = replace(branch, segments=even_segments(12, 4))
-    return _dense("piip_baseline_vit_b_1024", (branch,), pretrained, kwargs)
+    return _dense("piip_baseline_vit_b_1024", (branch,), pretrained, kwargs, fpn_norm="layer")
 
 
 @register_model
 def piip_baseline_vit_l_1024(pretrained: bool = False, **kwargs) -> PIIP:
-    """Single-branch DeiT III-L @1024 baseline: window 14, global attention every 3rd block, simple feature pyramid."""
+    """Single-branch DeiT III-L @1024 baseline: window 14, global attention every 3rd block, simple feature pyramid
+    (channels-first LayerNorm in its stride-4 level, as the official ``vit_models``)."""
     branch = _deit3_det("large", 1024, 0.4, 14, global_every=3)
     branch = replace(branch, segments=even_segments(24, 4))
-    return _dense("piip_baseline_vit_l_1024", (branch,), pretrained, kwargs)
+    return _dense("piip_baseline_vit_l_1024", (branch,), pretrained, kwargs, fpn_norm="layer")
 
 
 def create_pyramid(

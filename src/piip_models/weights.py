@@ -2,7 +2,8 @@
 
 Weight compatibility lives here, never in ``forward``: position embeddings are resampled to the model's grids, the
 official key names (``branch{k}.``, ``gamma_1``, ``interaction_units_{ab}``, ``merge_branch{k}``, ``w{k}``, ...) are
-renamed to the timm-style names of :class:`piip_models.piip.PIIP`.
+renamed to the timm-style names of :class:`piip_models.piip.PIIP`, detector heads are dropped, and the result is
+checked against the model before anything is loaded.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -24,26 +26,43 @@ if TYPE_CHECKING:
     from .piip import PIIP
 
 __all__ = [
+    "CheckpointMismatchError",
     "adapt_pos_embed",
     "adapt_rel_pos_tables",
     "branch_checkpoint_filter_fn",
+    "check_state_dict",
     "checkpoint_filter_fn",
     "convert_official_state_dict",
     "unwrap_state_dict",
 ]
 
 _logger = logging.getLogger(__name__)
+# classification main.py saves {"model": ...}, DeepSpeed {"module": ...}, mmcv {"meta": ..., "state_dict": ...}
 _WRAPPER_KEYS = ("model", "module", "state_dict")
+_BACKBONE_PREFIX = "backbone."
+_DDP_PREFIX = "module."
+_MAX_LISTED_KEYS = 20
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's tensors do not fit the model: missing or unexpected keys, or tensors of another shape."""
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Returns a checkpoint's tensors, unwrapping ``model``/``module``/``state_dict`` and a ``backbone.`` prefix."""
+    """Returns a checkpoint's tensors: unwraps ``model``/``module``/``state_dict``, strips a DDP ``module.`` prefix
+    and keeps only the ``backbone.`` part of detector/segmentor checkpoints, logging what it dropped."""
     for key in _WRAPPER_KEYS:
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             checkpoint = checkpoint[key]
     state_dict = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
-    if state_dict and all(k.startswith("backbone.") for k in state_dict):
-        state_dict = {k[len("backbone."):]: v for k, v in state_dict.items()}
+    if state_dict and all(k.startswith(_DDP_PREFIX) for k in state_dict):
+        state_dict = {k[len(_DDP_PREFIX):]: v for k, v in state_dict.items()}
+    if any(k.startswith(_BACKBONE_PREFIX) for k in state_dict):
+        heads = Counter(k.split(".", 1)[0] for k in state_dict if not k.startswith(_BACKBONE_PREFIX))
+        if heads:
+            report = ", ".join(f"{name} ({count})" for name, count in sorted(heads.items()))
+            _logger.info("kept the backbone of a detector checkpoint, dropped %d tensors: %s", heads.total(), report)
+        state_dict = {k[len(_BACKBONE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_BACKBONE_PREFIX)}
     return state_dict
 
 
@@ -150,11 +169,21 @@ _OFFICIAL_RENAMES = (
     (re.compile(r"^cls_head\."), lambda m: "head."),
 )
 _OFFICIAL_BRANCH_WEIGHT = re.compile(r"^w(\d+)$")
+# Single-ViT layout (the official detection baselines' ``vit_models``, or a plain ViT): the ViT is branch 0 and the
+# baseline's simple pyramid ``up1..up4`` is ours ``fpn.p2..p5``.
+_SINGLE_VIT_RENAMES = (
+    (re.compile(r"^(cls_token|pos_embed|patch_embed\.|blocks\.|norm\.)"), lambda m: f"branches.0.{m.group(1)}"),
+    (re.compile(r"^up([1-4])\."), lambda m: f"fpn.p{int(m.group(1)) + 1}."),
+)
+
+
+def _is_single_vit_layout(state_dict: Mapping[str, Any]) -> bool:
+    return "patch_embed.proj.weight" in state_dict
 
 
 def is_official_layout(state_dict: Mapping[str, Any]) -> bool:
-    """Whether a state dict uses the official OpenGVLab/PIIP key names."""
-    return any(k.startswith("branch1.") for k in state_dict)
+    """Whether a state dict uses the official OpenGVLab/PIIP key names (pyramid or single-ViT baseline)."""
+    return any(k.startswith("branch1.") for k in state_dict) or _is_single_vit_layout(state_dict)
 
 
 def convert_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -167,6 +196,7 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torc
         The state dict with piip-models key names; the scalar branch weights ``w1..wN`` become ``branch_weights``.
     """
     state_dict = unwrap_state_dict(state_dict)
+    renames = _SINGLE_VIT_RENAMES + _OFFICIAL_RENAMES if _is_single_vit_layout(state_dict) else _OFFICIAL_RENAMES
     converted: dict[str, torch.Tensor] = {}
     branch_weights: dict[int, torch.Tensor] = {}
     for key, value in state_dict.items():
@@ -174,7 +204,7 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torc
         if match:
             branch_weights[int(match.group(1))] = value.reshape(())
             continue
-        for pattern, repl in _OFFICIAL_RENAMES:
+        for pattern, repl in renames:
             key = pattern.sub(repl, key)
         converted[key] = value
     if branch_weights:
@@ -182,11 +212,68 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torc
     return converted
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PIIP) -> dict[str, torch.Tensor]:
+def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)
+
+
+def _listing(title: str, lines: list[str]) -> str:
+    shown = "".join(f"\n    {line}" for line in lines[:_MAX_LISTED_KEYS])
+    more = f"\n    ... and {len(lines) - _MAX_LISTED_KEYS} more" if len(lines) > _MAX_LISTED_KEYS else ""
+    return f"\n  {title} ({len(lines)}):{shown}{more}" if lines else ""
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: PIIP) -> dict[str, torch.Tensor]:
+    """Checks a converted state dict against ``model`` before anything is loaded.
+
+    Classifier tensors for another class count (``num_classes`` differs from the checkpoint's, or 0) are left out so
+    the model keeps its fresh heads, as timm does. Every other difference is an error.
+
+    Args:
+        state_dict: State dict with piip-models key names (the output of the conversion).
+        model: The target model (any device, ``meta`` included).
+
+    Returns:
+        The tensors to load.
+
+    Raises:
+        CheckpointMismatchError: Listing the missing keys, unexpected keys and shape mismatches.
+    """
+    expected = {k: _shape(v) for k, v in model.state_dict().items()}
+    heads = ("head.",) + tuple(f"branches.{k}.head." for k in range(len(model.branches)))
+    # a head for another class count: absent from the model (num_classes=0) or differing in its first dimension
+    other_classes = [
+        k for k, v in state_dict.items()
+        if k.startswith(heads) and (k not in expected or expected[k] != _shape(v) and expected[k][1:] == _shape(v)[1:])
+    ]
+    if other_classes:
+        _logger.info("classifier tensors for another class count not loaded: %s", sorted(other_classes))
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
+        expected = {k: v for k, v in expected.items() if not k.startswith(heads)}
+    missing = [f"{k} {shape}" for k, shape in expected.items() if k not in state_dict]
+    unexpected = [f"{k} {_shape(v)}" for k, v in state_dict.items() if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {_shape(v)}, model {expected[k]}"
+        for k, v in state_dict.items() if k in expected and _shape(v) != expected[k]
+    ]
+    if missing or unexpected or mismatched:
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise CheckpointMismatchError(
+            f"checkpoint does not fit {name} (nothing was loaded): {len(missing)} missing, {len(unexpected)} "
+            f"unexpected and {len(mismatched)} mis-shaped tensors (after conversion to piip-models names)"
+            + _listing("missing from the checkpoint", missing)
+            + _listing("not in the model", unexpected)
+            + _listing("shape mismatch", mismatched)
+        )
+    return dict(state_dict)
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PIIP, strict: bool = True) -> dict[str, torch.Tensor]:
     """Loads piip-models or official PIIP checkpoints into ``model``, resampling position embeddings per branch.
 
-    Pyramid levels the model does not build (no ``with_fpn``, or DINO's unused stride-4 level) are dropped and
-    logged.
+    Official layouts (classification, detection with their ``backbone.`` prefix and detector heads, single-ViT
+    baselines) are converted; pyramid levels the model does not build (no ``with_fpn``, or DINO's unused stride-4
+    level) are dropped and logged. With ``strict`` the result is checked against the model
+    (:func:`check_state_dict`), so a wrong checkpoint fails before any tensor is copied.
     """
     state_dict = unwrap_state_dict(state_dict)
     if is_official_layout(state_dict):
@@ -200,4 +287,5 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PIIP) -> dict[str
         key = f"branches.{k}.pos_embed"
         if key in state_dict:
             state_dict[key] = adapt_pos_embed(state_dict[key], branch)
-    return adapt_rel_pos_tables(state_dict, model)
+    state_dict = adapt_rel_pos_tables(state_dict, model)
+    return check_state_dict(state_dict, model) if strict else state_dict

@@ -1,0 +1,421 @@
+"""Released PIIP checkpoints on the Hugging Face Hub: verified downloads, safe reading and Hub-format export.
+
+* :func:`fetch_checkpoint` downloads a released file (a ``.safetensors`` sibling first, when the repo has one) and
+  checks it against the Hub's content hash; with ``HF_HUB_OFFLINE=1`` and no cached copy it fails at once, naming the
+  repo and file to fetch.
+* :func:`read_checkpoint` reads safetensors, or pickles with ``torch.load(weights_only=True)``: tensors, containers
+  and a few metadata types only; a pickle that needs anything else (code) is refused, never executed.
+* :func:`convert_checkpoint` turns an official checkpoint into ``model.safetensors`` + timm ``config.json``, which
+  ``timm.create_model("local-dir:PATH")`` and ``timm.create_model("hf-hub:ORG/REPO")`` load after
+  ``import piip_models``; :func:`add_convert_command` registers it as an argparse ``convert`` subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RemoteEntryNotFoundError
+from timm.models import PretrainedCfg
+from timm.models._hub import save_config_for_hf
+
+from .weights import checkpoint_filter_fn, convert_official_state_dict, is_official_layout, unwrap_state_dict
+
+if TYPE_CHECKING:
+    from .piip import PIIP
+
+__all__ = [
+    "OFFICIAL_REPO",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "add_convert_command",
+    "check_safetensors",
+    "convert_checkpoint",
+    "fetch_checkpoint",
+    "infer_model_name",
+    "load_checkpoint",
+    "official_checkpoint",
+    "prepare_pretrained_cfg",
+    "read_checkpoint",
+    "verify_cached_file",
+]
+
+_logger = logging.getLogger(__name__)
+
+OFFICIAL_REPO = "OpenGVLab/PIIP"
+_PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
+_HASH_CHUNK = 1 << 24
+_verified_files: set[tuple[str, int, int]] = set()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used: not cached while offline, truncated, corrupt or not a checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickled checkpoint needs code (pickle globals outside the weights-only allowlist) to be read."""
+
+
+def official_checkpoint(path: str) -> dict[str, str]:
+    """``pretrained_cfg`` entries for a file of the official ``OpenGVLab/PIIP`` repo (``classification/x.pth``)."""
+    return dict(hf_hub_id=OFFICIAL_REPO, hf_hub_filename=path)
+
+
+def _metadata_globals() -> list[Any]:
+    """Types training scripts store beside the weights (DeiT's argparse ``args``, numpy scalars in mmcv ``meta``).
+
+    Their pickle reconstruction only builds values; nothing from the file runs.
+    """
+    allowed: list[Any] = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:
+        return allowed
+    codes = np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"
+    allowed += [np.dtype, *sorted({type(np.dtype(c)) for c in codes}, key=str)]
+    if hasattr(np, "_core"):  # numpy 2; files written under numpy 1 name the scalar constructor numpy.core...
+        return allowed + [np._core.multiarray.scalar, (np._core.multiarray.scalar, "numpy.core.multiarray.scalar")]
+    return allowed + [np.core.multiarray.scalar]
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Checks that a safetensors file is complete (its header describes exactly the bytes on disk).
+
+    Raises:
+        CheckpointError: The file is truncated or not a safetensors file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_len <= size - 8:
+            raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes, no complete header)")
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise CheckpointError(f"{path} is corrupt: unreadable safetensors header ({e})") from e
+    if 8 + header_len + end != size:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: its header describes {8 + header_len + end} bytes, the file has {size}"
+        )
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a checkpoint file without executing anything from it.
+
+    ``.safetensors`` files are checked for completeness and read with safetensors; anything else goes through
+    ``torch.load(weights_only=True)`` (memory-mapped for zip checkpoints), which rebuilds only tensors, containers,
+    primitive values, ``argparse.Namespace`` and numpy scalars.
+
+    Raises:
+        UnsafeCheckpointError: The pickle needs other globals (code); it is refused, not run.
+        CheckpointError: The file is truncated, corrupt or holds no mapping of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        check_safetensors(path)
+        return safetensors.torch.load_file(path, device="cpu")
+    mmap = zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(_metadata_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        detail = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or str(e).split("\n")[0]
+        needs = ", ".join(a or b for a, b in re.findall(r"GLOBAL (\S+)|but got <class '([^']+)'>", detail))
+        if needs or "Unsupported operand" in detail:
+            what = f"calls {needs}" if needs else f"uses pickle instructions it cannot check ({detail})"
+            raise UnsafeCheckpointError(
+                f"refused to read {path}: its pickle {what}, outside torch's weights-only allowlist, so reading it "
+                "could run code from the file. piip-models never unpickles code; if you trust the file, re-save its "
+                "tensors as safetensors in an environment you trust"
+            ) from None  # torch's own message suggests weights_only=False
+        raise CheckpointError(f"{path} is truncated or corrupt: {detail}") from e
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint: {e}") from e
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
+    return dict(checkpoint)
+
+
+def verify_cached_file(path: str | os.PathLike) -> bool:
+    """Checks a file of the Hugging Face cache against its content address.
+
+    The cache stores each file as ``blobs/<etag>``: the sha256 the Hub lists for LFS files, the git blob sha1 for
+    small ones. Both are recomputed here (once per process and file version).
+
+    Returns:
+        True if verified, False if the file has no content address (a cache without symlinks, or a local file).
+
+    Raises:
+        CheckpointError: The content does not match the Hub's hash (truncated or corrupt download).
+    """
+    blob = Path(os.path.realpath(path))
+    stat = blob.stat()
+    key = (str(blob), stat.st_size, stat.st_mtime_ns)
+    if key in _verified_files:
+        return True
+    if _SHA256.fullmatch(blob.name):
+        algorithm, digest = "sha256", hashlib.sha256()
+    elif _GIT_SHA1.fullmatch(blob.name):
+        algorithm, digest = "git blob sha1", hashlib.sha1(b"blob %d\0" % stat.st_size)
+    else:
+        return False
+    with blob.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != blob.name:
+        raise CheckpointError(
+            f"{path} is corrupt or truncated ({stat.st_size} bytes): its {algorithm} is {digest.hexdigest()}, the "
+            f"Hub's is {blob.name}; delete {blob} and download it again"
+        )
+    _verified_files.add(key)
+    return True
+
+
+def _download(repo_id: str, filename: str, revision: str | None, cache_dir: str | os.PathLike | None,
+              local_only: bool) -> Path:
+    path = hf_hub_download(
+        repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_only
+    )
+    verify_cached_file(path)
+    return Path(path)
+
+
+def fetch_checkpoint(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Downloads (or finds in the cache) a Hub file and verifies it against the Hub's hash.
+
+    For ``.pth``/``.pt``/``.bin`` files a ``.safetensors`` file of the same name is preferred when the repo (or the
+    cache, offline) has one.
+
+    Args:
+        repo_id: Hub repository, ``OpenGVLab/PIIP`` for the released checkpoints.
+        filename: Path inside the repository.
+        revision: Branch, tag or commit.
+        cache_dir: Hugging Face cache folder (default: ``HF_HUB_CACHE``).
+
+    Returns:
+        The local path of the verified file.
+
+    Raises:
+        CheckpointError: Offline (``HF_HUB_OFFLINE=1`` or no connection) without a cached copy, naming the file to
+            fetch; or a corrupt download.
+    """
+    names = [filename]
+    stem, suffix = os.path.splitext(filename)
+    if suffix in _PICKLE_SUFFIXES:
+        names.insert(0, stem + ".safetensors")
+    local_only = False
+    for name in names[:-1]:
+        try:
+            return _download(repo_id, name, revision, cache_dir, local_only)
+        except RemoteEntryNotFoundError:
+            continue
+        except LocalEntryNotFoundError:
+            local_only = True  # the Hub is unreachable: only the cache can serve the other candidates
+    try:
+        return _download(repo_id, filename, revision, cache_dir, local_only)
+    except LocalEntryNotFoundError as e:
+        cache = cache_dir or hf_constants.HF_HUB_CACHE
+        why = "HF_HUB_OFFLINE=1" if hf_constants.is_offline_mode() else "the Hub could not be reached"
+        raise CheckpointError(
+            f"{repo_id}/{filename} is not in the Hugging Face cache ({cache}) and {why}. Fetch it on a connected "
+            f"machine with `hf download {repo_id} {filename}` into that cache (HF_HUB_CACHE), or pass the local "
+            f"file: pretrained_cfg_overlay=dict(file='.../{os.path.basename(filename)}')"
+        ) from e
+
+
+def prepare_pretrained_cfg(cfg: PretrainedCfg, cache_dir: str | os.PathLike | None = None) -> PretrainedCfg:
+    """Routes a ``pretrained=True`` load through the verified, safe paths before timm loads anything.
+
+    * Tags with a Hub file (and ``file`` overrides) are fetched and verified here; the returned cfg points timm at
+      the local file with ``custom_load``, so ``PIIP.load_pretrained`` reads it with :func:`read_checkpoint`.
+    * ``hf-hub:`` repos: their ``model.safetensors`` is fetched and verified first (timm then reads it from the
+      cache); ``local-dir:`` folders: their safetensors files are checked for completeness. timm reads both with
+      safetensors (``.pth``/``.bin`` with ``torch.load(weights_only=True)``).
+    """
+    if cfg.source == "hf-hub":
+        repo_id, _, revision = cfg.hf_hub_id.partition("@")
+        try:
+            _download(repo_id, "model.safetensors", revision or None, cache_dir, local_only=False)
+        except EntryNotFoundError:
+            pass  # a pickle-only repo: timm reads it with weights_only=True
+        return cfg
+    if cfg.source == "local-dir":
+        for path in sorted(Path(cfg.file).glob("*.safetensors")):
+            check_safetensors(path)
+        return cfg
+    if cfg.state_dict is not None or not (cfg.file or cfg.hf_hub_id):
+        return cfg
+    file = cfg.file
+    if not file:
+        repo_id, _, revision = cfg.hf_hub_id.partition("@")
+        file = fetch_checkpoint(
+            repo_id, cfg.hf_hub_filename or "model.safetensors", revision=revision or None, cache_dir=cache_dir
+        )
+    return replace(cfg, file=str(file), custom_load=True)
+
+
+def load_checkpoint(model: PIIP, path: str | os.PathLike, strict: bool = True) -> None:
+    """Loads an official or piip-models checkpoint file into ``model``.
+
+    The file is read safely (:func:`read_checkpoint`), official layouts are converted and detector heads dropped
+    (:func:`piip_models.weights.checkpoint_filter_fn`). With ``strict`` a checkpoint that does not fit raises
+    :class:`~piip_models.weights.CheckpointMismatchError` before any parameter changes.
+    """
+    state_dict = checkpoint_filter_fn(read_checkpoint(path), model, strict=strict)
+    model.load_state_dict(state_dict, strict=False)  # already checked; classifiers for another class count stay
+
+
+def _registered_checkpoints() -> dict[str, str]:
+    """Hub file stem -> ``model.tag`` for every registered PIIP tag with a released file."""
+    stems = {}
+    for name in timm.list_models("piip_*", pretrained=True, include_tags=True):
+        filename = timm.get_pretrained_cfg(name).hf_hub_filename
+        if filename:
+            stems[Path(filename).stem] = name
+    return stems
+
+
+def _converted(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    state_dict = unwrap_state_dict(checkpoint)
+    return convert_official_state_dict(state_dict) if is_official_layout(state_dict) else state_dict
+
+
+def _meta_model(model_name: str, state_dict: Mapping[str, torch.Tensor]) -> PIIP:
+    """The model on ``meta``; dense backbones get their pyramid when the checkpoint has pyramid weights."""
+    from .piip import PIIP
+
+    model = timm.create_model(model_name, device="meta")
+    if not isinstance(model, PIIP):
+        raise ValueError(f"{model_name} is not a PIIP model ({type(model).__name__})")
+    if model.head_type == "dense" and any(k.startswith("fpn.") for k in state_dict):
+        model = timm.create_model(model_name, device="meta", with_fpn=True)
+    return model
+
+
+def _as_tuple(names: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names or ())
+
+
+def _fits(model_name: str, state_dict: Mapping[str, torch.Tensor]) -> bool:
+    try:
+        checkpoint_filter_fn(state_dict, _meta_model(model_name, state_dict))
+    except RuntimeError:  # a mismatch, or position embeddings that cannot be resampled to this model
+        return False
+    return True
+
+
+def infer_model_name(path: str | os.PathLike, checkpoint: Mapping[str, Any]) -> str:
+    """The registered model (with tag) a checkpoint belongs to: by released file name, else by keys and shapes.
+
+    Raises:
+        ValueError: No registered model fits, or several do (e.g. detection variants that differ only in
+            resolution); pass the model name explicitly then.
+    """
+    by_file = _registered_checkpoints().get(Path(path).stem)
+    if by_file:
+        return by_file
+    state_dict = _converted(checkpoint)
+    # only models with as many branches, and a classifier iff the checkpoint has one, are built (on meta) and tried
+    num_branches = len({k.split(".")[1] for k in state_dict if k.startswith("branches.")})
+    classifier = any(re.match(r"(branches\.\d+\.)?head\.", k) for k in state_dict)
+    candidates = [
+        name for name, cfg in ((n, timm.get_pretrained_cfg(n)) for n in timm.list_models("piip_*"))
+        if len(_as_tuple(cfg.first_conv)) == num_branches and bool(cfg.num_classes) == classifier
+    ]
+    matches = [name for name in candidates if _fits(name, state_dict)]
+    if len(matches) == 1:
+        return matches[0]
+    found = f"several models fit its keys and shapes ({', '.join(matches)})" if matches else (
+        "no registered PIIP model fits its keys and shapes")
+    raise ValueError(f"cannot tell which model {Path(path).name} is for: {found}; pass the model name")
+
+
+def convert_checkpoint(
+    src: str | os.PathLike, out_dir: str | os.PathLike, model_name: str | None = None
+) -> Path:
+    """Writes an official (or piip-models) checkpoint as ``model.safetensors`` + timm ``config.json``.
+
+    The result loads with ``timm.create_model("local-dir:<out_dir>", pretrained=True)`` after ``import
+    piip_models``, and, uploaded to a Hub repo, with ``timm.create_model("hf-hub:<org>/<repo>", pretrained=True)``.
+    Detection checkpoints keep their feature pyramid (``with_fpn=True`` is recorded in ``model_args``).
+
+    Args:
+        src: Checkpoint file (``.pth`` read with ``weights_only=True``, or ``.safetensors``).
+        out_dir: Output folder (created).
+        model_name: Registered name, optionally with a tag whose ``pretrained_cfg`` is written
+            (``piip_tsb.in1k``); inferred from the released file name, or from keys and shapes, when omitted.
+
+    Returns:
+        ``out_dir``.
+    """
+    checkpoint = read_checkpoint(src)
+    model_name = model_name or infer_model_name(src, checkpoint)
+    state_dict = _converted(checkpoint)
+    model = _meta_model(model_name, state_dict)
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    tensors, storages = {}, set()
+    for key, value in state_dict.items():
+        value = value.detach().to(dtypes[key]).contiguous()
+        if value.untyped_storage().data_ptr() in storages:
+            value = value.clone()  # safetensors refuses tensors that share memory
+        storages.add(value.untyped_storage().data_ptr())
+        tensors[key] = value
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    save_config_for_hf(model, out_dir / "config.json")
+    _logger.info("converted %s (%s) to %s", src, model_name, out_dir)
+    return out_dir
+
+
+def _convert_command(args: argparse.Namespace) -> int:
+    out_dir = convert_checkpoint(args.src, args.out, model_name=args.model)
+    print(f"wrote {out_dir / 'model.safetensors'} and {out_dir / 'config.json'}; load it with "
+          f"timm.create_model('local-dir:{out_dir}', pretrained=True) after import piip_models")
+    return 0
+
+
+def add_convert_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Registers the ``convert`` subcommand (``args.func(args)`` runs it and returns the exit code)."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert an official PIIP checkpoint to model.safetensors + timm config.json",
+        description="Convert an official OpenGVLab/PIIP checkpoint (or a piip-models state dict) to a timm Hub "
+        "folder: model.safetensors + config.json, loadable with timm.create_model('local-dir:OUT').",
+    )
+    parser.add_argument("src", help="checkpoint file (.pth is read with weights_only=True, or .safetensors)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--model", default=None, help="model name[.tag]; inferred from the file name or its keys when omitted"
+    )
+    parser.set_defaults(func=_convert_command)
+    return parser
