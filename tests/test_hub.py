@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 import zipfile
@@ -57,6 +58,7 @@ LAYOUTS = [
     "piip_sbl_1568_1120_672_augreg_speedup.coco_mask_rcnn",  # interactions without projections and norms
     "piip_sbl_1568_1120_672_mae.coco_mask_rcnn",  # mixed InternViT-class and DeiT branches
     "piip_sbl_1568_1120_672_dinov2.coco_mask_rcnn",  # patch-14 pretraining grid
+    "piip_sbl_1568_1120_672_beitv2.coco_mask_rcnn",  # BEiT: q/v biases, window bias tables, index buffers dropped
     "piip_baseline_vit_b_1024.coco_mask_rcnn",  # single-ViT vit_models layout: top-level ViT keys, up1..up4
 ]
 DETECTOR_HEADS = {  # a few tensors of the mmdet heads a detection checkpoint carries beside the backbone
@@ -68,6 +70,10 @@ DETECTOR_HEADS = {  # a few tensors of the mmdet heads a detection checkpoint ca
 
 # ----------------------------------------------------------------------------------------------------------------
 # Official layouts, written from the documented key rules (reference §7.2), independently of the conversion code.
+
+
+def key_prefix(single: bool, k: int) -> str:
+    return "" if single else f"branch{k + 1}."
 
 
 def official_layout(model) -> dict[str, tuple[int, ...]]:
@@ -83,11 +89,15 @@ def official_layout(model) -> dict[str, tuple[int, ...]]:
         if match:
             k, rest = int(match[1]), match[2]
             branch = model.branches[k]
-            if branch.no_embed_class:  # DeiT-type `vit_models`: LayerScale named gamma_1/2, no class slot
+            beit = hasattr(branch.blocks[0].attn, "relative_position_bias_table")
+            if branch.no_embed_class or beit:  # DeiT-type `vit_models` and BEiT: LayerScale named gamma_1/2
                 rest = re.sub(r"ls([12])\.gamma$", r"gamma_\1", rest)
             elif rest == "pos_embed" and branch.num_prefix_tokens == 0:  # InternViT-type: always a class slot
                 shape = (1, shape[1] + 1, shape[2])
-            key = rest if single else f"branch{k + 1}.{rest}"
+            if beit and rest.endswith("attn.relative_position_bias_table"):  # BEiT also saves its index buffer
+                window = (math.isqrt(shape[0]) + 1) // 2
+                layout[key_prefix(single, k) + rest.replace("bias_table", "index")] = (window**2, window**2)
+            key = key_prefix(single, k) + rest
         key = re.sub(r"^interactions\.(\d+)\.units\.(\d+)\.",
                      lambda m: f"interactions.{m[1]}.interaction_units_{int(m[2]) + 1}{int(m[2]) + 2}.", key)
         key = key.replace(".ffn.dwconv.", ".ffn.dwconv.dwconv.")
@@ -134,7 +144,7 @@ def test_key_rules_reproduce_the_released_key_lists(keys_file, name):
 
 def test_every_released_tag_points_at_a_released_file():
     # the full tag (checkpoint) first, the timm-branch initialisation kept as `.branches`
-    assert len(RELEASED) >= 20
+    assert len(RELEASED) >= 21
     readme = README.read_text()
     for name in RELEASED:
         cfg = timm.get_pretrained_cfg(name)

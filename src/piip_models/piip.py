@@ -861,6 +861,8 @@ default_cfgs = generate_default_cfgs({
     "piip_sbl_1568_1120_672_dinov2.coco_mask_rcnn": _dense_cfg(
         1568, 3, file="detection/mask_rcnn_dinov2_sbl_1568_1120_672_fpn_1x_coco_bs16.pth"),
     "piip_sbl_1568_1120_672_dinov2.branches": _dense_cfg(1568, 3),
+    "piip_sbl_1568_1120_672_beitv2.coco_mask_rcnn": _dense_cfg(
+        1568, 3, file="detection/mask_rcnn_beit_sbl_1568_1120_672_fpn_1x_coco_bs16.pth"),
     "piip_sbl_1568_1120_672_beitv2.branches": _dense_cfg(1568, 3),
     "piip_baseline_vit_b_1024.coco_mask_rcnn": _dense_cfg(
         1024, 1, file="detection/mask_rcnn_deit_vit_b_fpn_1x_coco_bs16.pth"),
