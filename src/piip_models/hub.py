@@ -30,7 +30,7 @@ import timm
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RemoteEntryNotFoundError
+from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 from timm.models import PretrainedCfg
 from timm.models._hub import save_config_for_hf
 
@@ -193,11 +193,10 @@ def verify_cached_file(path: str | os.PathLike) -> bool:
     return True
 
 
-def _download(repo_id: str, filename: str, revision: str | None, cache_dir: str | os.PathLike | None,
-              local_only: bool) -> Path:
-    path = hf_hub_download(
-        repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_only
-    )
+def _download(
+    repo_id: str, filename: str, revision: str | None, cache_dir: str | os.PathLike | None, local_only: bool
+) -> Path:
+    path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_only)
     verify_cached_file(path)
     return Path(path)
 
@@ -227,23 +226,20 @@ def fetch_checkpoint(
         CheckpointError: Offline (``HF_HUB_OFFLINE=1`` or no connection) without a cached copy, naming the file to
             fetch; or a corrupt download.
     """
-    names = [filename]
+    local_only = False
     stem, suffix = os.path.splitext(filename)
     if suffix in _PICKLE_SUFFIXES:
-        names.insert(0, stem + ".safetensors")
-    local_only = False
-    for name in names[:-1]:
         try:
-            return _download(repo_id, name, revision, cache_dir, local_only)
-        except RemoteEntryNotFoundError:
-            continue
-        except LocalEntryNotFoundError:
-            local_only = True  # the Hub is unreachable: only the cache can serve the other candidates
+            return _download(repo_id, stem + ".safetensors", revision, cache_dir, local_only)
+        except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError)
+            local_only = True  # the Hub is unreachable: only the cache can serve the pickle
+        except EntryNotFoundError:
+            pass  # the repo has no safetensors version
     try:
         return _download(repo_id, filename, revision, cache_dir, local_only)
     except LocalEntryNotFoundError as e:
         cache = cache_dir or hf_constants.HF_HUB_CACHE
-        why = "HF_HUB_OFFLINE=1" if hf_constants.is_offline_mode() else "the Hub could not be reached"
+        why = "HF_HUB_OFFLINE=1" if hf_constants.HF_HUB_OFFLINE else "the Hub could not be reached"
         raise CheckpointError(
             f"{repo_id}/{filename} is not in the Hugging Face cache ({cache}) and {why}. Fetch it on a connected "
             f"machine with `hf download {repo_id} {filename}` into that cache (HF_HUB_CACHE), or pass the local "
