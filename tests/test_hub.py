@@ -46,21 +46,6 @@ RELEASED = sorted(
     n for n in timm.list_models("piip_*", pretrained=True, include_tags=True)
     if timm.get_pretrained_cfg(n).hf_hub_id == OFFICIAL_REPO
 )
-# One tag per distinct official layout (the others differ from one of these only in branch resolutions, which the
-# detection checkpoints do not store); every tag runs under -m slow.
-LAYOUTS = [
-    "piip_tsb.in1k",  # DeiT v1 branches: gamma_1/2, position embeddings without class slot
-    "piip_sbl.in1k",  # AugReg (InternViT-class) branches: class slot kept
-    "piip_tsb_1568_1120_672.coco_mask_rcnn",  # mmdet checkpoint: backbone. prefix, heads, conv merges, fpn1/fpn2
-    "piip_tsbl_1344_896_672_448.coco_mask_rcnn",  # 4 branches
-    "piip_sbl_1792_1120_672_dino.coco_dino",  # unused fpn1 dropped
-    "piip_sbl_1568_1120_672_augreg.coco_mask_rcnn",  # InternViT-class detection branches: class slot dropped
-    "piip_sbl_1568_1120_672_augreg_speedup.coco_mask_rcnn",  # interactions without projections and norms
-    "piip_sbl_1568_1120_672_mae.coco_mask_rcnn",  # mixed InternViT-class and DeiT branches
-    "piip_sbl_1568_1120_672_dinov2.coco_mask_rcnn",  # patch-14 pretraining grid
-    "piip_sbl_1568_1120_672_beitv2.coco_mask_rcnn",  # BEiT: q/v biases, window bias tables, index buffers dropped
-    "piip_baseline_vit_b_1024.coco_mask_rcnn",  # single-ViT vit_models layout: top-level ViT keys, up1..up4
-]
 DETECTOR_HEADS = {  # a few tensors of the mmdet heads a detection checkpoint carries beside the backbone
     "neck.lateral_convs.0.conv.weight": (256, 8, 1, 1),
     "rpn_head.rpn_cls.weight": (3, 256, 1, 1),
@@ -156,7 +141,10 @@ def test_every_released_tag_points_at_a_released_file():
         assert f"`{name}`" in readme and Path(cfg.hf_hub_filename).name in readme, name
 
 
-def _check_layout_converts(name: str) -> None:
+@pytest.mark.parametrize("name", RELEASED)
+def test_released_layout_converts_on_meta(name):
+    # classification (DeiT gammas, AugReg class slots), mmdet (backbone. prefix, heads, conv merges, fpn1/fpn2, DINO's
+    # unused fpn1, InternViT-class class slots, no-projection interactions, BEiT index buffers), single-ViT baselines
     model = _meta_model(name)
     layout = official_layout(model)
     meta = {k: torch.empty(shape, device="meta") for k, shape in layout.items()}
@@ -165,17 +153,6 @@ def _check_layout_converts(name: str) -> None:
     expected = model.state_dict()
     assert converted.keys() == expected.keys()
     assert all(converted[k].shape == expected[k].shape for k in expected)
-
-
-@pytest.mark.parametrize("name", LAYOUTS)
-def test_released_layout_converts_on_meta(name):
-    _check_layout_converts(name)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(set(RELEASED) - set(LAYOUTS)))
-def test_every_released_tag_converts_on_meta(name):
-    _check_layout_converts(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
