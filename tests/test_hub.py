@@ -89,7 +89,7 @@ def official_layout(model) -> dict[str, tuple[int, ...]]:
         key = re.sub(r"^merges\.(\d+)\.", lambda m: f"merge_branch{int(m[1]) + 1}.", key)
         key = re.sub(r"^fpn\.p(\d)\.", lambda m: f"{'up' if single else 'fpn'}{int(m[1]) - 1}.", key)
         layout[key] = shape
-    if model.fpn is not None and "p2" not in model.fpn and not single:  # DINO: the official fpn1 exists, unused
+    if model.fpn is not None and "p2" not in model.fpn and len(model.branches) == 3:  # 3-branch DINO: unused fpn1
         dim = model.embed_dims[0]
         layout.update({"fpn1.0.weight": (dim, dim, 2, 2), "fpn1.0.bias": (dim,), "fpn1.1.weight": (dim,),
                        "fpn1.1.bias": (dim,), "fpn1.3.weight": (dim, dim, 2, 2), "fpn1.3.bias": (dim,)})
@@ -129,7 +129,7 @@ def test_key_rules_reproduce_the_released_key_lists(keys_file, name):
 
 def test_every_released_tag_points_at_a_released_file():
     # the full tag (checkpoint) first, the timm-branch initialisation kept as `.branches`
-    assert len(RELEASED) >= 21
+    assert len(RELEASED) >= 29
     readme = README.read_text()
     for name in RELEASED:
         cfg = timm.get_pretrained_cfg(name)
@@ -143,8 +143,9 @@ def test_every_released_tag_points_at_a_released_file():
 
 @pytest.mark.parametrize("name", RELEASED)
 def test_released_layout_converts_on_meta(name):
-    # classification (DeiT gammas, AugReg class slots), mmdet (backbone. prefix, heads, conv merges, fpn1/fpn2, DINO's
-    # unused fpn1, InternViT-class class slots, no-projection interactions, BEiT index buffers), single-ViT baselines
+    # classification (DeiT gammas, AugReg class slots), mmdet/mmseg (backbone. prefix, heads, conv merges, fpn1/fpn2,
+    # 3-branch DINO's unused fpn1, InternViT-class class slots, no-projection interactions, BEiT index buffers,
+    # InternViT-6B qk norms), single-ViT baselines
     model = _meta_model(name)
     layout = official_layout(model)
     meta = {k: torch.empty(shape, device="meta") for k, shape in layout.items()}

@@ -101,16 +101,33 @@ def _seg(variant: str, size: int, pretrained: bool, kwargs: dict[str, Any]) -> P
 # Segmentation configs keep mmseg's ADE20K ImageNet statistics; the detection configs normalise to [-1, 1].
 _SEG_NORM = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
+def _seg_file(size: int) -> str:
+    return f"segmentation/upernet_internvit_h6b_{size}_512_80k_ade20k_bs16_lr4e-5.pth"
+
+
+# The first tag of a model is its default: the released checkpoint (OpenGVLab/PIIP) where one exists.
 default_cfgs = generate_default_cfgs({
+    "piip_h6b_1024_512.coco_mask_rcnn": _dense_cfg(
+        1024, 2, file="detection/mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms.pth"),
     "piip_h6b_1024_512.branches": _dense_cfg(1024, 2),
+    "piip_h6b_1024_512_speedup.coco_mask_rcnn": _dense_cfg(
+        1024, 2, file="detection/mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms_speedup.pth"),
     "piip_h6b_1024_512_speedup.branches": _dense_cfg(1024, 2),
+    "piip_h6b_1024_768_dino.coco_dino": _dense_cfg(
+        1024, 2, file="detection/dino_4scale_internvit_h6b_1024_768_fpn_1x_coco_bs32_ms.pth"),
     "piip_h6b_1024_768_dino.branches": _dense_cfg(1024, 2),
     "piip_lh6b_1536_1024_512.branches": _dense_cfg(1536, 3),
     "piip_lh6b_1536_1024_512_dino.branches": _dense_cfg(1536, 3),
+    "piip_h6b_512_192.ade20k_upernet": _dense_cfg(512, 2, file=_seg_file(192), **_SEG_NORM),
     "piip_h6b_512_192.branches": _dense_cfg(512, 2, **_SEG_NORM),
+    "piip_h6b_512_256.ade20k_upernet": _dense_cfg(512, 2, file=_seg_file(256), **_SEG_NORM),
     "piip_h6b_512_256.branches": _dense_cfg(512, 2, **_SEG_NORM),
+    "piip_h6b_512_384.ade20k_upernet": _dense_cfg(512, 2, file=_seg_file(384), **_SEG_NORM),
     "piip_h6b_512_384.branches": _dense_cfg(512, 2, **_SEG_NORM),
+    "piip_h6b_512_512.ade20k_upernet": _dense_cfg(512, 2, file=_seg_file(512), **_SEG_NORM),
     "piip_h6b_512_512.branches": _dense_cfg(512, 2, **_SEG_NORM),
+    "piip_baseline_internvit_6b_1024.coco_mask_rcnn": _dense_cfg(
+        1024, 1, file="detection/mask_rcnn_internvit_6b_fpn_1x_coco_bs16_ms.pth"),
     "piip_baseline_internvit_6b_1024.branches": _dense_cfg(1024, 1),
     "piip_baseline_internvit_6b_512.branches": _dense_cfg(512, 1, **_SEG_NORM),
 })
@@ -178,9 +195,10 @@ def piip_h6b_512_512(pretrained: bool = False, **kwargs: Any) -> PIIP:
 
 @register_model
 def piip_baseline_internvit_6b_1024(pretrained: bool = False, **kwargs: Any) -> PIIP:
-    """Single-branch InternViT-6B @1024 baseline, global attention, simple feature pyramid (COCO 53.8 / 48.1)."""
+    """Single-branch InternViT-6B @1024 baseline, global attention, simple feature pyramid with the official
+    channels-first LayerNorm in its stride-4 level (COCO 53.8 / 48.1)."""
     branch = _internvit_6b(1024, even_segments(48, 4), False, 224)
-    return _dense("piip_baseline_internvit_6b_1024", (branch,), pretrained, kwargs)
+    return _dense("piip_baseline_internvit_6b_1024", (branch,), pretrained, kwargs, fpn_norm="layer")
 
 
 @register_model
