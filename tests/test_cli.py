@@ -24,7 +24,7 @@ ROW_KEYS = {
 def test_list(capsys):
     assert cli.main(["list", "piip_tsb*"]) == 0
     out = capsys.readouterr().out
-    assert "| piip_tsb | 368 | branches | 144M | 17.4 |" in out
+    assert "| piip_tsb | 368 | branches, in1k | 144M | 17.4 |" in out
     assert "piip_tsb_1120_896_448" in out and "piip_sbl" not in out
     assert cli.main(["list", "nothing_*"]) == 1
 
