@@ -22,7 +22,7 @@ from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from piip_models import BranchCfg, even_segments
+from piip_models import BranchCfg, cli, even_segments
 from piip_models.hub import (
     OFFICIAL_REPO,
     CheckpointError,
@@ -499,3 +499,7 @@ def test_convert_command_infers_the_model_from_keys(released_tsb, tmp_path):
     assert torch.equal(exported["branches.2.blocks.11.ls2.gamma"], original["branch3.blocks.11.gamma_2"])
     with pytest.raises(SystemExit):
         parser.parse_args(["convert", str(renamed)])  # --out is required
+    # the piip-models command carries the same subcommand
+    assert cli.main(["convert", str(renamed), "--out", str(tmp_path / "cli"), "--model", "piip_tsb"]) == 0
+    assert torch.equal(load_file(tmp_path / "cli" / "model.safetensors")["branches.2.blocks.11.ls2.gamma"],
+                       exported["branches.2.blocks.11.ls2.gamma"])

@@ -33,6 +33,7 @@ from .bench import (
     write_plot,
 )
 from .counting import CONVENTIONS, baseline_of, build_model, count_model, create, published_row
+from .hub import add_convert_command
 from .piip import PIIP
 
 __all__ = ["COMMANDS", "DEFAULT_BENCH_MODELS", "DEFAULT_BENCH_SCALE", "build_parser", "main"]
@@ -202,8 +203,10 @@ def add_bench_command(subparsers: Any) -> None:
 
 CommandRegistrar = Callable[[Any], None]
 
-# Each adds one subcommand; e.g. piip_models.hub contributes ``add_convert_command``.
-COMMANDS: tuple[CommandRegistrar, ...] = (add_list_command, add_info_command, add_flops_command, add_bench_command)
+# Each adds one subcommand.
+COMMANDS: tuple[CommandRegistrar, ...] = (
+    add_list_command, add_info_command, add_flops_command, add_bench_command, add_convert_command
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
