@@ -105,4 +105,4 @@ def test_console_script_list():
         pytest.skip("the piip-models console script is not installed beside this interpreter (pip install -e .)")
     proc = subprocess.run([script, "list", "piip_sbl*"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "| piip_sbl_320_160_96 | 320 | branches | 489M | 39.0 |" in proc.stdout
+    assert "| piip_sbl_320_160_96 | 320 | branches, in1k | 489M | 39.0 |" in proc.stdout
