@@ -118,9 +118,9 @@ class PeakMemory:
 
 
 def warmup_side(model: piip_models.PIIP) -> int:
-    """Smallest multiple of 32 that gives every branch at least one patch."""
+    """Smallest multiple of 32 that gives every branch at least one token."""
     last = model.branch_sizes[-1]
-    side = max(math.ceil(max(p) * last / s) for p, s in zip(model.patch_sizes, model.branch_sizes))
+    side = max(math.ceil(max(p) * last / s) for p, s in zip(model.min_input_sizes, model.branch_sizes))
     return 32 * math.ceil(side / 32)
 
 

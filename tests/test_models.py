@@ -21,7 +21,12 @@ DENSE_BACKBONES = [
     "piip_sbl_1568_1120_672_mae", "piip_sbl_1568_1120_672_dinov2",
     "piip_baseline_vit_b_1024", "piip_baseline_vit_l_1024",
 ]
-REGISTERED = CLASSIFIERS + DENSE_BACKBONES
+CONVNEXT_BACKBONES = [
+    "piip_ct_cs_cb_1024_672_448", "piip_ct_vs_vb_1024_672_448", "piip_ct_cs_vb_1024_672_448",
+    "piip_ct_vs_cb_1024_672_448", "piip_vt_cs_vb_1024_672_448", "piip_vt_cs_cb_1024_672_448",
+    "piip_vt_vs_cb_1024_672_448", "piip_baseline_convnext_b_1024",
+]
+REGISTERED = CLASSIFIERS + DENSE_BACKBONES + CONVNEXT_BACKBONES
 
 
 def tiny_branches(dims=(96, 64, 32)) -> tuple[BranchCfg, ...]:
@@ -41,7 +46,7 @@ def tiny_model(**kwargs) -> PIIP:
 def test_registry_lists_every_model_without_overwriting_timm():
     assert sorted(timm.list_models("piip_*")) == sorted(REGISTERED)
     assert sorted(piip_models.list_models()) == sorted(REGISTERED)
-    assert sorted(timm.list_models(module="piip")) == sorted(REGISTERED)
+    assert sorted(timm.list_models(module=piip_models.MODEL_MODULES)) == sorted(REGISTERED)
     # timm's own entries are untouched
     assert "vit_base_patch16_224" in timm.list_models(module="vision_transformer")
     # re-registering a timm name would move it to module "piip" and drop its pretrained cfgs

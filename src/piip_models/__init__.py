@@ -10,7 +10,7 @@ from typing import Any
 
 import timm
 
-from . import piip
+from . import piip, piip_convnext
 from .piip import PIIP, BranchCfg, InteractionCfg, create_pyramid, even_segments
 
 __version__ = "0.1.0"
@@ -24,12 +24,17 @@ __all__ = [
     "even_segments",
     "list_models",
     "piip",
+    "piip_convnext",
 ]
+
+
+# The model-family modules whose entrypoints this package registers in timm.
+MODEL_MODULES = ("piip", "piip_convnext")
 
 
 def list_models(filter: str = "piip_*", pretrained: bool = False, include_tags: bool = False) -> list[str]:
     """Lists PIIP models (``timm.list_models`` restricted to this package's models)."""
-    return timm.list_models(filter, module="piip", pretrained=pretrained, include_tags=include_tags)
+    return timm.list_models(filter, module=MODEL_MODULES, pretrained=pretrained, include_tags=include_tags)
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> PIIP:

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
+from timm.models.convnext import ConvNeXt
+from timm.models.convnext import checkpoint_filter_fn as convnext_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
@@ -28,6 +30,7 @@ __all__ = [
     "branch_checkpoint_filter_fn",
     "checkpoint_filter_fn",
     "convert_official_state_dict",
+    "convnext_branch_checkpoint_filter_fn",
     "unwrap_state_dict",
 ]
 
@@ -103,6 +106,13 @@ def branch_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionTran
     if isinstance(model.fc_norm, nn.Identity):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc_norm.")}
     return state_dict
+
+
+def convnext_branch_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ConvNeXt) -> dict[str, torch.Tensor]:
+    """Adapts a timm/FB/OpenCLIP ConvNeXt checkpoint to one PIIP branch: timm's own conversion, then the pooled head
+    (final norm, MLP, classifier), which a branch does not build, is dropped."""
+    state_dict = convnext_checkpoint_filter_fn(unwrap_state_dict(state_dict), model)
+    return {k: v for k, v in state_dict.items() if not k.startswith("head.")}
 
 
 _OFFICIAL_RENAMES = (
