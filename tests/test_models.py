@@ -26,7 +26,12 @@ CONVNEXT_BACKBONES = [
     "piip_ct_vs_cb_1024_672_448", "piip_vt_cs_vb_1024_672_448", "piip_vt_cs_cb_1024_672_448",
     "piip_vt_vs_cb_1024_672_448", "piip_baseline_convnext_b_1024",
 ]
-REGISTERED = CLASSIFIERS + DENSE_BACKBONES + CONVNEXT_BACKBONES
+LLAVA_TOWERS = [
+    "piip_llava_clip_bl_512_256", "piip_llava_clip_bl_512_448", "piip_llava_convnext_b_clip_l_640_224",
+    "piip_llava_convnext_b_clip_l_1024_336", "piip_llava_convnext_b_clip_l_1024_336_13b",
+    "piip_llava_convnext_l_clip_l_1024_336", "piip_llava_convnext_l_clip_l_1024_336_13b",
+]
+REGISTERED = CLASSIFIERS + DENSE_BACKBONES + CONVNEXT_BACKBONES + LLAVA_TOWERS
 
 
 def tiny_branches(dims=(96, 64, 32)) -> tuple[BranchCfg, ...]:

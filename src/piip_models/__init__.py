@@ -10,13 +10,15 @@ from typing import Any
 
 import timm
 
-from . import piip, piip_convnext
+from . import piip, piip_convnext, piip_llava
 from .piip import PIIP, BranchCfg, InteractionCfg, create_pyramid, even_segments
+from .piip_llava import PIIPLlava
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PIIP",
+    "PIIPLlava",
     "BranchCfg",
     "InteractionCfg",
     "create_model",
@@ -25,11 +27,12 @@ __all__ = [
     "list_models",
     "piip",
     "piip_convnext",
+    "piip_llava",
 ]
 
 
 # The model-family modules whose entrypoints this package registers in timm.
-MODEL_MODULES = ("piip", "piip_convnext")
+MODEL_MODULES = ("piip", "piip_convnext", "piip_llava")
 
 
 def list_models(filter: str = "piip_*", pretrained: bool = False, include_tags: bool = False) -> list[str]:
