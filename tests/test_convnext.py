@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
+from timm.layers import DropPath
 
 from piip_models import PIIP, BranchCfg, InteractionCfg, even_segments
 from piip_models.branches import ConvNeXtAdapter, convnext_units
+from piip_models.official import build_from_official
+from piip_models.weights import checkpoint_filter_fn
 
 from .test_dense import _forward_backward
 from .test_pretrained import run_offline, seed_hf_cache
@@ -17,7 +22,6 @@ COMBOS = [
     "piip_ct_vs_cb_1024_672_448", "piip_vt_cs_vb_1024_672_448", "piip_vt_cs_cb_1024_672_448",
     "piip_vt_vs_cb_1024_672_448",
 ]
-CI_COMBOS = ["piip_vt_vs_cb_1024_672_448", "piip_ct_cs_vb_1024_672_448"]  # a ConvNeXt and a ViT last branch
 
 # Official ``downsample_ratios`` and ``interaction_indexes`` (mmdetection/configs/piip/convnext/*.py), written out.
 RATIOS_39 = [4] * 3 + [8] * 4 + [16] * 28 + [32] * 4
@@ -135,14 +139,10 @@ def test_convnext_group_matcher_assigns_units_to_their_stage():
     assert stage("stage_merges.0.1.0.weight") == 13
 
 
-@pytest.mark.parametrize("name", CI_COMBOS)
+@pytest.mark.parametrize("name", COMBOS + ["piip_baseline_convnext_b_1024"])
 def test_convnext_combo_forward_backward_cpu(name, one_thread):
-    _forward_backward(name, 1, 128, 160)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in COMBOS if n not in CI_COMBOS] + ["piip_baseline_convnext_b_1024"])
-def test_convnext_combo_forward_backward_cpu_every_model(name, one_thread):
+    """Every combination (about 4 s each at this size): four maps with feature_info's channels/strides, finite, and
+    a gradient for every parameter."""
     _forward_backward(name, 1, 128, 160)
 
 
@@ -196,3 +196,74 @@ def test_convnext_branch_loads_from_seeded_offline_cache(tmp_path):
         print("ok")
     """)
     assert out.startswith("ok")
+
+
+def _official_name(key: str) -> str:
+    """piip-models name -> official name (PIIPThreeBranch with Hugging Face ConvNeXt branches, reference §7.2)."""
+    rules = [
+        (r"^branches\.(\d+)\.", lambda m: f"branch{int(m.group(1)) + 1}."),
+        (r"\.stem\.0\.", lambda m: ".convnext_model.embeddings.patch_embeddings."),
+        (r"\.stem\.1\.", lambda m: ".convnext_model.embeddings.layernorm."),
+        (r"\.stages\.(\d+)\.downsample\.", r".convnext_model.encoder.stages.\1.downsampling_layer."),
+        (r"\.stages\.(\d+)\.blocks\.(\d+)\.", r".convnext_model.encoder.stages.\1.layers.\2."),
+        (r"(layers\.\d+)\.conv_dw\.", lambda m: f"{m.group(1)}.dwconv."),
+        (r"(layers\.\d+)\.norm\.", lambda m: f"{m.group(1)}.layernorm."),
+        (r"(layers\.\d+)\.mlp\.fc([12])\.", lambda m: f"{m.group(1)}.pwconv{m.group(2)}."),
+        (r"(layers\.\d+)\.gamma$", lambda m: f"{m.group(1)}.layer_scale_parameter"),
+        (r"\.ls([12])\.gamma$", lambda m: f".gamma_{m.group(1)}"),
+        (r"^interactions\.(\d+)\.units\.(\d+)\.",
+         lambda m: f"interactions.{m.group(1)}.interaction_units_{int(m.group(2)) + 1}{int(m.group(2)) + 2}."),
+        (r"\.ffn\.dwconv\.", lambda m: ".ffn.dwconv.dwconv."),
+        (r"^merges\.(\d+)\.", lambda m: f"merge_branch{int(m.group(1)) + 1}."),
+        (r"^stage_merges\.(\d+)\.(\d+)\.", lambda m: f"intermediate_merging_{m.group(1)}_branch{int(m.group(2)) + 1}."),
+        (r"^fpn\.p(\d)\.", lambda m: f"fpn{int(m.group(1)) - 1}."),
+    ]
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def test_official_regular_fpn_convnext_checkpoint_converts():
+    model = tiny_mixed(with_fpn=True, fpn_levels=(1, 2, 3))
+    ours = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    official = {}
+    for key, value in ours.items():
+        if key == "branch_weights" or key.startswith("stage_branch_weights."):
+            prefix = "" if key == "branch_weights" else f"intermediate_merging_{key.split('.')[1]}_"
+            official.update({f"{prefix}w{k + 1}": w for k, w in enumerate(value)})
+        else:
+            official[_official_name(key)] = value
+    official["branch1.convnext_model.layernorm.weight"] = torch.ones(128)  # unused final norm of HF ConvNeXt
+    assert "branch3.convnext_model.encoder.stages.1.layers.0.pwconv2.weight" in official
+    assert "intermediate_merging_1_branch2.0.weight" in official and "intermediate_merging_0_w3" in official
+    converted = checkpoint_filter_fn({"module": {f"backbone.{k}": v for k, v in official.items()}}, model)
+    assert converted.keys() == ours.keys()
+    assert all(torch.equal(converted[k], v) for k, v in ours.items())
+
+
+def test_official_config_translates_to_the_registered_model():
+    """The backbone dict of mask_rcnn_convnext-t_vit-s_convnext-b_1024_672_448_regular-fpn.py builds the same model."""
+    def convnext(name, size, segments, ratios, drop_path):
+        return dict(real_size=size, interaction_indexes=segments, downsample_ratios=ratios,
+                    pretrained=f"facebook/convnext-{name}-224", drop_path_rate=drop_path)
+
+    config = dict(
+        n_points=4, deform_num_heads=16, cffn_ratio=0.25, deform_ratio=0.5, with_cffn=True,
+        interact_attn_type="deform", interaction_drop_path_rate=0.4, with_simple_fpn=False,
+        out_interaction_indexes=[0, 1, 10],
+        branch1=convnext("base", 448, SEGMENTS_39, RATIOS_39, 0.4),
+        branch2=dict(real_size=672, pretrain_img_size=224, patch_size=16, pretrain_patch_size=16, depth=12,
+                     embed_dim=384, num_heads=6, mlp_ratio=4, qkv_bias=True, drop_path_rate=0.05, init_scale=1.0,
+                     with_fpn=False, interaction_indexes=VIT_SEGMENTS, window_attn=[True] * 12, window_size=[14] * 12,
+                     pretrained="./pretrained/deit_3_small_224_21k.pth", use_flash_attn=True),
+        branch3=convnext("tiny", 1024, SEGMENTS_T, RATIOS_T, 0.3),
+    )
+    official = build_from_official(config, device="meta")
+    registered = timm.create_model("piip_ct_vs_cb_1024_672_448", with_fpn=True, device="meta")
+    assert {k: v.shape for k, v in official.state_dict().items()} == {
+        k: v.shape for k, v in registered.state_dict().items()
+    }
+    assert official.segments == registered.segments and official.branch_sizes == registered.branch_sizes
+    assert official.tap_stages == registered.tap_stages and official.windows == registered.windows
+    rates = [[m.drop_prob for m in model.modules() if isinstance(m, DropPath)] for model in (official, registered)]
+    assert rates[0] == rates[1] and len(rates[0]) > 0
