@@ -267,3 +267,17 @@ def test_official_config_translates_to_the_registered_model():
     assert official.tap_stages == registered.tap_stages and official.windows == registered.windows
     rates = [[m.drop_prob for m in model.modules() if isinstance(m, DropPath)] for model in (official, registered)]
     assert rates[0] == rates[1] and len(rates[0]) > 0
+
+
+def test_regular_pyramid_prune_keeps_taps_and_ends_features_at_the_tap():
+    model = tiny_mixed().eval()
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], taps[1])
+        assert model.prune_intermediate_layers([0, 1]) == [0, 1]
+        # the stage-1 merges became the final ones: the features end at the tap, later stages are gone
+        assert len(model.interactions) == 2 and list(model.stage_merges) == ["0"]
+        torch.testing.assert_close(model.forward_features(x), taps[1])
+        torch.testing.assert_close(model.forward_intermediates(x, intermediates_only=True), taps[:2])

@@ -610,26 +610,40 @@ class PIIP(nn.Module):
         prune_norm: bool = False,
         prune_head: bool = True,
     ) -> list[int]:
-        """Drops what the selected taps do not need: later stages (stage taps), unselected pyramid levels, or the
-        merges of unselected regular-pyramid stages."""
+        """Drops what the selected taps do not need: unselected simple-pyramid levels, or the stages after the last
+        selected tap (and, for regular pyramids, the unselected levels' merges; the last kept one becomes final)."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         keep = sorted(take_indices)
-        if self.tap_stages:
-            self.tap_stages = tuple(self.tap_stages[i] for i in keep)
-            for key in list(self.stage_merges or ()):
-                if int(key) not in self.tap_stages:
-                    del self.stage_merges[key], self.stage_branch_weights[key]
-        if self.fpn is not None:
+        if self.fpn is not None and not self.tap_stages:
             names = list(self.fpn.keys())
             self.fpn = nn.ModuleDict({names[i]: self.fpn[names[i]] for i in keep})
-        if self.fpn is not None or self.tap_stages:
             self.feature_info = [self.feature_info[i] for i in keep]
+            return self._prune_head(list(range(len(keep))), prune_head)
+        last_stage = max_index
+        if self.tap_stages:
+            kept = [self.tap_stages[i] for i in keep]
+            last_stage = kept[-1]
+            if self.stage_merges is not None:
+                if last_stage != self.tap_stages[-1]:
+                    self.merges = self.stage_merges[str(last_stage)]
+                    self.branch_weights = self.stage_branch_weights[str(last_stage)]
+                for key in list(self.stage_merges):
+                    if int(key) not in kept[:-1]:
+                        del self.stage_merges[key], self.stage_branch_weights[key]
+            if self.fpn is not None:
+                names = list(self.fpn.keys())
+                self.fpn = nn.ModuleDict({names[i]: self.fpn[names[i]] for i in keep})
+            self.tap_stages = tuple(kept)
+            self.feature_info = [self.feature_info[i] for i in keep]
+            self.num_features = self.head_hidden_size = self.stage_dims[last_stage][0]
             take_indices = list(range(len(keep)))
-        else:
-            self.interactions = self.interactions[:max_index + 1]
-            self.segments = tuple(segs[:max_index + 1] for segs in self.segments)
-            for adapter, branch, segs in zip(self._adapters, self.branches, self.segments):
-                adapter.prune(branch, segs[-1][1] + 1, prune_norm)
+        self.interactions = self.interactions[:last_stage + 1]
+        self.segments = tuple(segs[:last_stage + 1] for segs in self.segments)
+        for adapter, branch, segs in zip(self._adapters, self.branches, self.segments):
+            adapter.prune(branch, segs[-1][1] + 1, prune_norm)
+        return self._prune_head(take_indices, prune_head)
+
+    def _prune_head(self, take_indices: list[int], prune_head: bool) -> list[int]:
         if prune_head:
             if self.head_type in ("merged", "dense"):
                 self.head_norm = nn.Identity()
