@@ -15,6 +15,7 @@ interactions consume.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,15 +43,14 @@ def _run(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, checkpoint
     return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False) if checkpointing else fn(x)
 
 
-class BranchAdapter:
+class BranchAdapter(ABC):
     """What PIIP needs to know about a branch, independent of its architecture.
 
     Attributes:
         widths: Channel width after every unit.
         strides: Input pixels per token after every unit.
-        windows: Attention window of every unit (0: global or not attention).
+        windows: Attention window of every unit (0: global attention, or no attention at all).
         min_input: Smallest ``(height, width)`` branch image that leaves every unit a non-empty grid.
-        has_head: Whether the branch keeps its own final norm and classifier (separate heads).
         filter_fn: Checkpoint filter for the branch's timm pretrained weights.
     """
 
@@ -58,7 +58,6 @@ class BranchAdapter:
     strides: tuple[int, ...]
     windows: tuple[int, ...]
     min_input: Grid
-    has_head: bool = False
     filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
 
     @property
@@ -69,10 +68,11 @@ class BranchAdapter:
     def embed_dim(self) -> int:
         return self.widths[-1]
 
+    @abstractmethod
     def embed(self, model: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Grid]:
         """Image to patch tokens, prefix tokens (or None) and the token grid."""
-        raise NotImplementedError
 
+    @abstractmethod
     def run(
         self,
         model: nn.Module,
@@ -83,15 +83,14 @@ class BranchAdapter:
         checkpointing: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Grid]:
         """Runs the inclusive unit range ``units``; returns the new tokens, prefix tokens and grid."""
-        raise NotImplementedError
 
+    @abstractmethod
     def unit_of(self, name: Sequence[str]) -> int | None:
         """Unit of a parameter path inside the branch: -1 for the stem/embeddings, None for anything else."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prune(self, model: nn.Module, depth: int, prune_norm: bool) -> None:
         """Drops every unit from ``depth`` on (and the final norm when ``prune_norm``)."""
-        raise NotImplementedError
 
 
 class ViTAdapter(BranchAdapter):
@@ -100,7 +99,7 @@ class ViTAdapter(BranchAdapter):
     _STEM = ("cls_token", "reg_token", "pos_embed", "patch_embed")
     filter_fn = staticmethod(branch_checkpoint_filter_fn)
 
-    def __init__(self, model: VisionTransformer, cfg: BranchCfg, window_padding: WindowPadding, has_head: bool):
+    def __init__(self, model: VisionTransformer, cfg: BranchCfg, window_padding: WindowPadding):
         depth = len(model.blocks)
         self.widths = (model.embed_dim,) * depth
         patch = tuple(model.patch_embed.patch_size)
@@ -108,7 +107,6 @@ class ViTAdapter(BranchAdapter):
         self.min_input = patch
         self.windows = tuple(0 if i in cfg.global_blocks else cfg.window_size for i in range(depth))
         self.window_padding = window_padding
-        self.has_head = has_head
         # Class/register tokens get no position embedding in PIIP (the LLaVA CLIP towers excepted), although some
         # timm ViTs store slots for them.
         self.pos_skip = 0 if model.no_embed_class else model.num_prefix_tokens
@@ -150,7 +148,7 @@ class ViTAdapter(BranchAdapter):
         for block, rate in zip(model.blocks, rates):
             block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
             block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
-        return model, ViTAdapter(model, cfg, window_padding, with_head)
+        return model, ViTAdapter(model, cfg, window_padding)
 
     def embed(self, model: VisionTransformer, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Grid]:
         patch_h, patch_w = self.min_input

@@ -1,7 +1,7 @@
 """Parameter-Inverted Image Pyramid Networks (PIIP).
 
-An image pyramid runs through pretrained ViT branches of *inverted* size: the largest model sees the smallest
-image. After every block segment, adjacent branches exchange information with cross-resolution deformable
+An image pyramid runs through pretrained ViT (or ConvNeXt) branches of *inverted* size: the largest model sees the
+smallest image. After every block segment, adjacent branches exchange information with cross-resolution deformable
 attention, and the branches are merged per task.
 
 Papers:
@@ -159,7 +159,7 @@ def pyramid_level(scale: float, dim: int, dd: dict[str, Any]) -> nn.Module:
 
 def _check_levels(levels: Sequence[int]) -> None:
     if not levels or any(level not in range(4) for level in levels) or list(levels) != sorted(set(levels)):
-        raise ValueError(f"fpn_levels must be increasing indices in 0..3 (strides 4, 8, 16, 32), got {levels}")
+        raise ValueError(f"fpn_levels must be increasing indices in 0..3 (pyramid levels p2..p5), got {levels}")
 
 
 def simple_feature_pyramid(dim: int, levels: Sequence[int], dd: dict[str, Any]) -> nn.ModuleDict:
