@@ -114,6 +114,15 @@ def _llava(
                                                                          **kwargs))
 
 
+def _convnext_clip_l_1024_336(
+    variant: str, convnext: str, interactions: int, pretrained: bool, kwargs: dict[str, Any]
+) -> PIIPLlava:
+    """CLIP-L/16@336 and a CLIP ConvNeXt@1024 interacting 12 (7B) or 24 (13B, 5120-wide tokens) times."""
+    segments = _CONVNEXT_39_SEGMENTS if interactions == 12 else _CONVNEXT_39_SEGMENTS_24
+    branches = (_clip(_CLIP_L_336, 336, 336, interactions), BranchCfg(convnext, 1024, segments))
+    return _llava(variant, branches, pretrained, kwargs, llm_dim=4096 if interactions == 12 else 5120)
+
+
 def _llava_cfg(input_size: int, convnext: bool) -> dict[str, Any]:
     # LLaVA's PIIP image processor center-crops to the last branch's size and normalises with ImageNet statistics.
     return _cfg(
@@ -163,27 +172,23 @@ def piip_llava_convnext_b_clip_l_640_224(pretrained: bool = False, **kwargs) -> 
 def piip_llava_convnext_b_clip_l_1024_336(pretrained: bool = False, **kwargs) -> PIIPLlava:
     """PIIP-LLaVA ConvNeXt-B CLIP-L 1024/336 (7B): CLIP-L/16@336, CLIP ConvNeXt-B@1024, 12 interactions, 1024
     tokens."""
-    branches = (_clip(_CLIP_L_336, 336, 336, 12), BranchCfg(_CONVNEXT_B, 1024, _CONVNEXT_39_SEGMENTS))
-    return _llava("piip_llava_convnext_b_clip_l_1024_336", branches, pretrained, kwargs)
+    return _convnext_clip_l_1024_336("piip_llava_convnext_b_clip_l_1024_336", _CONVNEXT_B, 12, pretrained, kwargs)
 
 
 @register_model
 def piip_llava_convnext_b_clip_l_1024_336_13b(pretrained: bool = False, **kwargs) -> PIIPLlava:
     """PIIP-LLaVA ConvNeXt-B CLIP-L 1024/336 (13B): as the 7B tower with 24 interactions, 5120-wide tokens."""
-    branches = (_clip(_CLIP_L_336, 336, 336, 24), BranchCfg(_CONVNEXT_B, 1024, _CONVNEXT_39_SEGMENTS_24))
-    return _llava("piip_llava_convnext_b_clip_l_1024_336_13b", branches, pretrained, kwargs, llm_dim=5120)
+    return _convnext_clip_l_1024_336("piip_llava_convnext_b_clip_l_1024_336_13b", _CONVNEXT_B, 24, pretrained, kwargs)
 
 
 @register_model
 def piip_llava_convnext_l_clip_l_1024_336(pretrained: bool = False, **kwargs) -> PIIPLlava:
     """PIIP-LLaVA ConvNeXt-L CLIP-L 1024/336 (7B, and the LLaVA-Plus 7B release): CLIP-L/16@336, CLIP
     ConvNeXt-L@1024, 12 interactions, 1024 tokens."""
-    branches = (_clip(_CLIP_L_336, 336, 336, 12), BranchCfg(_CONVNEXT_L, 1024, _CONVNEXT_39_SEGMENTS))
-    return _llava("piip_llava_convnext_l_clip_l_1024_336", branches, pretrained, kwargs)
+    return _convnext_clip_l_1024_336("piip_llava_convnext_l_clip_l_1024_336", _CONVNEXT_L, 12, pretrained, kwargs)
 
 
 @register_model
 def piip_llava_convnext_l_clip_l_1024_336_13b(pretrained: bool = False, **kwargs) -> PIIPLlava:
     """PIIP-LLaVA ConvNeXt-L CLIP-L 1024/336 (13B): as the 7B tower with 24 interactions, 5120-wide tokens."""
-    branches = (_clip(_CLIP_L_336, 336, 336, 24), BranchCfg(_CONVNEXT_L, 1024, _CONVNEXT_39_SEGMENTS_24))
-    return _llava("piip_llava_convnext_l_clip_l_1024_336_13b", branches, pretrained, kwargs, llm_dim=5120)
+    return _convnext_clip_l_1024_336("piip_llava_convnext_l_clip_l_1024_336_13b", _CONVNEXT_L, 24, pretrained, kwargs)
