@@ -21,7 +21,12 @@ DET_FIXTURES = {
     "det_3branch_small_global": "before_qkv",
 }
 TOL = dict(rtol=1e-4, atol=2e-4)
-DENSE = sorted(n for n in timm.list_models("piip_*") if timm.get_pretrained_cfg(n).num_classes == 0)
+DENSE = sorted(
+    n for n in timm.list_models("piip_*")
+    if timm.get_pretrained_cfg(n).num_classes == 0 and not n.startswith("piip_llava")
+)
+# Detection configs normalise to [-1, 1] except DINO's and the ConvNeXt/ViT combinations (ImageNet statistics).
+IMAGENET_COMBOS = ("piip_ct_", "piip_vt_")
 CI_DENSE = ["piip_tsb_1120_896_448", "piip_sbl_1792_1120_672_dino"]
 
 
@@ -188,8 +193,8 @@ def test_dense_models_default_to_no_classes_and_detection_normalisation():
     for name in DENSE:
         cfg = timm.get_pretrained_cfg(name)
         assert cfg.num_classes == 0 and cfg.classifier == "head"
-        # DINO-DeiT and the ADE20K segmentation models use ImageNet statistics
+        # DINO-DeiT, the ConvNeXt combinations and the ADE20K segmentation models use ImageNet statistics
         imagenet = name in ("piip_sbl_1792_1120_672_dino", "piip_baseline_internvit_6b_512") or name.startswith(
-            "piip_h6b_512_"
+            ("piip_h6b_512_", *IMAGENET_COMBOS)
         )
         assert cfg.mean == ((0.485, 0.456, 0.406) if imagenet else (0.5, 0.5, 0.5))

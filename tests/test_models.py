@@ -27,7 +27,17 @@ INTERNVIT_6B_BACKBONES = [
     "piip_h6b_512_192", "piip_h6b_512_256", "piip_h6b_512_384", "piip_h6b_512_512",
     "piip_baseline_internvit_6b_1024", "piip_baseline_internvit_6b_512",
 ]
-REGISTERED = CLASSIFIERS + DENSE_BACKBONES + INTERNVIT_6B_BACKBONES
+CONVNEXT_BACKBONES = [
+    "piip_ct_cs_cb_1024_672_448", "piip_ct_vs_vb_1024_672_448", "piip_ct_cs_vb_1024_672_448",
+    "piip_ct_vs_cb_1024_672_448", "piip_vt_cs_vb_1024_672_448", "piip_vt_cs_cb_1024_672_448",
+    "piip_vt_vs_cb_1024_672_448", "piip_baseline_convnext_b_1024",
+]
+LLAVA_TOWERS = [
+    "piip_llava_clip_bl_512_256", "piip_llava_clip_bl_512_448", "piip_llava_convnext_b_clip_l_640_224",
+    "piip_llava_convnext_b_clip_l_1024_336", "piip_llava_convnext_b_clip_l_1024_336_13b",
+    "piip_llava_convnext_l_clip_l_1024_336", "piip_llava_convnext_l_clip_l_1024_336_13b",
+]
+REGISTERED = CLASSIFIERS + DENSE_BACKBONES + INTERNVIT_6B_BACKBONES + CONVNEXT_BACKBONES + LLAVA_TOWERS
 
 
 def tiny_branches(dims=(96, 64, 32)) -> tuple[BranchCfg, ...]:
@@ -47,7 +57,7 @@ def tiny_model(**kwargs) -> PIIP:
 def test_registry_lists_every_model_without_overwriting_timm():
     assert sorted(timm.list_models("piip_*")) == sorted(REGISTERED)
     assert sorted(piip_models.list_models()) == sorted(REGISTERED)
-    assert sorted(timm.list_models(module=("piip", "piip_h6b"))) == sorted(REGISTERED)
+    assert sorted(timm.list_models(module=piip_models.MODEL_MODULES)) == sorted(REGISTERED)
     # timm's own entries are untouched
     assert "vit_base_patch16_224" in timm.list_models(module="vision_transformer")
     # re-registering a timm name would move it to module "piip" and drop its pretrained cfgs

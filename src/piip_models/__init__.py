@@ -10,13 +10,15 @@ from typing import Any
 
 import timm
 
-from . import hub, internvit, piip, piip_h6b, windowed_beit
+from . import hub, internvit, piip, piip_convnext, piip_h6b, piip_llava, windowed_beit
 from .piip import PIIP, BranchCfg, InteractionCfg, create_pyramid, even_segments
+from .piip_llava import PIIPLlava
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PIIP",
+    "PIIPLlava",
     "BranchCfg",
     "InteractionCfg",
     "create_model",
@@ -28,15 +30,18 @@ __all__ = [
     "piip",
     "piip_h6b",
     "windowed_beit",
+    "piip_convnext",
+    "piip_llava",
 ]
 
-# timm registers a model under the last component of its module name; one entry per model-family file.
-_MODEL_MODULES = ("piip", "piip_h6b")
+# The model-family modules whose entrypoints this package registers in timm (timm files a model under the last
+# component of its module name): one entry per model-family file.
+MODEL_MODULES = ("piip", "piip_convnext", "piip_h6b", "piip_llava")
 
 
 def list_models(filter: str = "piip_*", pretrained: bool = False, include_tags: bool = False) -> list[str]:
     """Lists PIIP models (``timm.list_models`` restricted to this package's models)."""
-    return timm.list_models(filter, module=_MODEL_MODULES, pretrained=pretrained, include_tags=include_tags)
+    return timm.list_models(filter, module=MODEL_MODULES, pretrained=pretrained, include_tags=include_tags)
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> PIIP:

@@ -111,7 +111,7 @@ def warmup_side(model: torch.nn.Module) -> int:
     if not isinstance(model, PIIP):
         return 64
     last = model.branch_sizes[-1]
-    side = max(math.ceil(max(p) * last / s) for p, s in zip(model.patch_sizes, model.branch_sizes))
+    side = max(math.ceil(max(p) * last / s) for p, s in zip(model.min_input_sizes, model.branch_sizes))
     return 32 * math.ceil(side / 32)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
 from . import list_models
@@ -70,9 +71,10 @@ def _describe(model: PIIP) -> list[str]:
     for k, (cfg, branch, size) in enumerate(zip(model.branch_cfgs, model.branches, model.branch_sizes)):
         windows = sorted(set(model.windows[k]))
         attention = "global" if windows == [0] else "window " + "/".join(str(w or "global") for w in windows)
+        heads = f"heads {branch.blocks[0].attn.num_heads}  " if isinstance(branch, VisionTransformer) else ""
         lines.append(
-            f"  branch {k}: {cfg.model_name} @{size}px  dim {branch.embed_dim}  depth {len(branch.blocks)}  "
-            f"heads {branch.blocks[0].attn.num_heads}  patch {model.patch_sizes[k][0]}  {attention}  "
+            f"  branch {k}: {cfg.model_name} ({type(branch).__name__}) @{size}px  dim {model.embed_dims[k]}  "
+            f"units {len(model.windows[k])}  {heads}min input {model.min_input_sizes[k][0]}px  {attention}  "
             f"segments {len(cfg.segments)}  drop_path {cfg.drop_path_rate} ({cfg.drop_path_mode})"
         )
     icfg = model.interaction_cfg

@@ -11,6 +11,12 @@ __all__ = ["branch_cfg_from_official", "model_kwargs_from_official", "build_from
 
 # Official branch kwargs with a direct timm VisionTransformer equivalent.
 _VIT_ARGS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias")
+# Hugging Face ConvNeXt checkpoints of the detection configs and the timm weights with the same tensors.
+_HF_CONVNEXT = {
+    "facebook/convnext-tiny-224": "convnext_tiny.fb_in1k",
+    "facebook/convnext-small-224": "convnext_small.fb_in1k",
+    "facebook/convnext-base-224": "convnext_base.fb_in1k",
+}
 
 
 def _is_deit_type(branch: Mapping[str, Any]) -> bool:
@@ -35,16 +41,25 @@ def _windows(branch: Mapping[str, Any]) -> tuple[int, tuple[int, ...]]:
 def branch_cfg_from_official(branch: Mapping[str, Any]) -> BranchCfg:
     """Maps one official ``branch{k}`` dict (classification or detection) to a BranchCfg.
 
-    DeiT-type branches always carry LayerScale gammas (``init_scale``), a position embedding without a class slot
-    and a constant drop-path rate; AugReg-type (``InternViT6B``) branches keep the class slot, use LayerScale only
-    with ``init_values`` and, in detection configs, a linear drop-path schedule; with RMSNorm and qk-normalisation
-    they are InternViT-6B branches. Fused MLPs (``mlp_type``/``Mlp_block='fused_mlp'``) use tanh-approximate GELU;
-    segmentation branches (``img_size`` beside ``real_size``) store their position embedding at ``img_size``.
+    Hugging Face ConvNeXt branches become the timm ConvNeXts with the same weights (linear drop path, as Hugging
+    Face's). DeiT-type branches always carry LayerScale gammas (``init_scale``), a position embedding without a class
+    slot and a constant drop-path rate; AugReg-type (``InternViT6B``) branches keep the class slot, use LayerScale
+    only with ``init_values`` and, in detection configs, a linear drop-path schedule; with RMSNorm and
+    qk-normalisation they are InternViT-6B branches. Fused MLPs (``mlp_type``/``Mlp_block='fused_mlp'``) use
+    tanh-approximate GELU; segmentation branches (``img_size`` beside ``real_size``) store their position embedding
+    at ``img_size``.
     """
     rms_norm = branch.get("norm_layer_type", "LayerNorm") == "RMSNorm"
     if rms_norm != bool(branch.get("qk_normalization")):
         raise ValueError("RMSNorm and qk-normalisation are supported together only (the InternViT-6B combination)")
     dense = "real_size" in branch
+    segments = tuple((int(start), int(end)) for start, end in branch["interaction_indexes"])
+    if "convnext" in str(branch.get("pretrained", "")).lower():
+        if branch["pretrained"] not in _HF_CONVNEXT:
+            raise ValueError(f"unknown ConvNeXt checkpoint {branch['pretrained']!r}; known: {sorted(_HF_CONVNEXT)}")
+        drop_path_rate = float(branch.get("drop_path_rate", 0.0))
+        name = _HF_CONVNEXT[branch["pretrained"]]
+        return BranchCfg(name, int(branch["real_size"]), segments, drop_path_rate, "linear")
     model_name = "internvit_6b_patch14_224" if rms_norm else "vit_base_patch16_224"
     model_args = {k: branch[k] for k in _VIT_ARGS if k in branch}
     if _is_deit_type(branch):
@@ -59,7 +74,7 @@ def branch_cfg_from_official(branch: Mapping[str, Any]) -> BranchCfg:
     return BranchCfg(
         model_name,
         int(branch["real_size"] if dense else branch["img_size"]),
-        tuple((int(start), int(end)) for start, end in branch["interaction_indexes"]),
+        segments,
         float(branch.get("drop_path_rate", 0.0)),
         drop_path_mode,
         model_args=model_args,
@@ -88,10 +103,10 @@ def model_kwargs_from_official(config: Mapping[str, Any]) -> dict[str, Any]:
         branches=tuple(branch_cfg_from_official(b) for b in branches), interaction=interaction
     )
     if "real_size" in branches[0]:
-        if not config.get("with_simple_fpn", True):
-            raise ValueError("regular-FPN (intermediate merging) configs are not supported by this translation")
-        return dict(kwargs, head_type="dense", class_token=False, num_classes=0, global_pool="avg", with_fpn=True,
-                    fpn_levels=(1, 2, 3) if config.get("is_dino") else (0, 1, 2, 3))
+        dense = dict(kwargs, head_type="dense", class_token=False, num_classes=0, global_pool="avg", with_fpn=True)
+        if not config.get("with_simple_fpn", True):  # regular FPN: intermediate merges
+            return dict(dense, merge_stages=tuple(config["out_interaction_indexes"]))
+        return dict(dense, fpn_levels=(1, 2, 3) if config.get("is_dino") else (0, 1, 2, 3))
     separate = bool(config.get("separate_head", False))
     return dict(
         kwargs,

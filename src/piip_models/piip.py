@@ -1,7 +1,7 @@
 """Parameter-Inverted Image Pyramid Networks (PIIP).
 
-An image pyramid runs through pretrained ViT branches of *inverted* size: the largest model sees the smallest
-image. After every block segment, adjacent branches exchange information with cross-resolution deformable
+An image pyramid runs through pretrained ViT (or ConvNeXt) branches of *inverted* size: the largest model sees the
+smallest image. After every block segment, adjacent branches exchange information with cross-resolution deformable
 attention, and the branches are merged per task.
 
 Papers:
@@ -29,13 +29,12 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal
 
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, resample_abs_pos_embed
+from timm.layers import LayerNorm2d
 from timm.models import (
     build_model_with_cfg,
     generate_default_cfgs,
@@ -44,13 +43,14 @@ from timm.models import (
     resolve_pretrained_cfg,
 )
 from timm.models._features import feature_take_indices
-from timm.models.vision_transformer import VisionTransformer
 
+from .branches import build_branch, unit_count
 from .hub import load_checkpoint, official_checkpoint, prepare_pretrained_cfg
 from .layers.interaction import BranchGeometry, InteractionBlock, init_piip_weights
 from .layers.msdeform_attn import reference_points
-from .layers.window_attention import WindowPadding, block_forward
-from .weights import branch_checkpoint_filter_fn, checkpoint_filter_fn
+from .layers.permute import ChannelsLast
+from .layers.window_attention import WindowPadding
+from .weights import checkpoint_filter_fn
 
 __all__ = ["PIIP", "BranchCfg", "InteractionCfg", "even_segments"]
 
@@ -71,13 +71,15 @@ class InteractionCfg:
 
 @dataclass(frozen=True)
 class BranchCfg:
-    """One pyramid branch: a timm ViT, its image size and its block segments.
+    """One pyramid branch: a timm ViT or ConvNeXt, its image size and its block segments.
 
     Attributes:
         model_name: timm architecture, optionally with a pretrained tag (``deit_tiny_patch16_224.fb_in1k``); the tag
             names the weights that ``pretrained=True`` loads when no full PIIP checkpoint is configured.
         img_size: Branch resolution at the model's default input size.
-        segments: Inclusive ``(first, last)`` block ranges, one per interaction.
+        segments: Inclusive ``(first, last)`` unit ranges, one per interaction. Units are a ViT's blocks, or a
+            ConvNeXt's blocks with every downsampling layer counted as a unit of its own (ConvNeXt-T: 21 units,
+            ConvNeXt-S/B/L: 39).
         drop_path_rate: Stochastic depth of the branch blocks.
         drop_path_mode: ``'constant'`` (every block, as the official classification models) or ``'linear'`` (0 to
             the rate over depth).
@@ -87,6 +89,8 @@ class BranchCfg:
             detection configs); ``img_size`` when None. It is resampled to the actual grid on every forward.
         window_size: Attention window in tokens (0: global attention in every block).
         global_blocks: Blocks that keep global attention when ``window_size`` is set.
+        class_pos_embed: Add the stored prefix-slot position embedding to the class token (the PIIP-LLaVA CLIP
+            towers do; everywhere else PIIP gives class tokens no position embedding).
     """
 
     model_name: str
@@ -98,6 +102,7 @@ class BranchCfg:
     pos_embed_size: int | None = None
     window_size: int = 0
     global_blocks: tuple[int, ...] = ()
+    class_pos_embed: bool = False
 
 
 def even_segments(depth: int, num_segments: int) -> tuple[tuple[int, int], ...]:
@@ -106,17 +111,6 @@ def even_segments(depth: int, num_segments: int) -> tuple[tuple[int, int], ...]:
         raise ValueError(f"cannot split {depth} blocks into {num_segments} segments")
     bounds = [round(i * depth / num_segments) for i in range(num_segments + 1)]
     return tuple((bounds[i], bounds[i + 1] - 1) for i in range(num_segments))
-
-
-class ChannelsLast(nn.Module):
-    """Permutes NCHW to NHWC (``inverse``: back), so Linear layers can act on channels inside a Sequential."""
-
-    def __init__(self, inverse: bool = False) -> None:
-        super().__init__()
-        self.dims = (0, 3, 1, 2) if inverse else (0, 2, 3, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(*self.dims)
 
 
 def _group_norm(channels: int, dd: dict[str, Any]) -> nn.GroupNorm:
@@ -143,41 +137,60 @@ def dense_merge(in_dim: int, out_dim: int, dd: dict[str, Any]) -> nn.Sequential:
     )
 
 
-def simple_feature_pyramid(
-    dim: int, levels: Sequence[int], dd: dict[str, Any], norm: Literal["group", "layer"] = "group"
-) -> nn.ModuleDict:
-    """ViTDet-style maps at 1/4, 1/2, 1 and 2 times the input stride (``p2`` .. ``p5``), for the chosen levels.
+def regular_dense_merge(in_dim: int, out_dim: int, project: bool, dd: dict[str, Any]) -> nn.Sequential:
+    """GroupNorm-ReLU, after a Conv3x3 to the merge width when ``project``: the lighter merge of the official
+    regular-FPN (intermediate merging) configs."""
+    conv = [nn.Conv2d(in_dim, out_dim, 3, padding=1, bias=False, **dd)] if project else []
+    return nn.Sequential(*conv, _group_norm(out_dim, dd), nn.ReLU())
 
-    ``norm`` is the normalisation inside ``p2``: GroupNorm(32) in the official PIIP backbones, a channels-first
+
+def pyramid_level(scale: float, dim: int, dd: dict[str, Any], norm: Literal["group", "layer"] = "group") -> nn.Module:
+    """Resamples a map by ``scale``: 4 (deconv-norm-GELU-deconv), 2 (deconv), 1 (identity) or 1/2 (max-pool).
+
+    ``norm`` is the normalisation of the 4x level: GroupNorm(32) in the official PIIP backbones, a channels-first
     LayerNorm in the official single-ViT baselines.
     """
     if norm not in ("group", "layer"):
         raise ValueError(f"fpn_norm must be 'group' or 'layer', got {norm!r}")
-    builders = {
-        0: lambda: nn.Sequential(
+    if scale == 4:
+        return nn.Sequential(
             nn.ConvTranspose2d(dim, dim, 2, 2, **dd),
             _group_norm(dim, dd) if norm == "group" else LayerNorm2d(dim, eps=1e-6, **dd),
             nn.GELU(),
             nn.ConvTranspose2d(dim, dim, 2, 2, **dd),
-        ),
-        1: lambda: nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2, **dd)),
-        2: nn.Identity,
-        3: lambda: nn.MaxPool2d(2, 2),
-    }
-    if not levels or any(level not in builders for level in levels) or list(levels) != sorted(set(levels)):
-        raise ValueError(f"fpn_levels must be increasing indices in 0..3 (strides x1/4, x1/2, x1, x2), got {levels}")
-    return nn.ModuleDict({f"p{level + 2}": builders[level]() for level in levels})
+        )
+    if scale == 2:
+        return nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2, **dd))
+    if scale == 1:
+        return nn.Identity()
+    if scale == 0.5:
+        return nn.MaxPool2d(2, 2)
+    raise ValueError(f"a pyramid level resamples by 4, 2, 1 or 1/2, not {scale}")
+
+
+def _check_levels(levels: Sequence[int]) -> None:
+    if not levels or any(level not in range(4) for level in levels) or list(levels) != sorted(set(levels)):
+        raise ValueError(f"fpn_levels must be increasing indices in 0..3 (pyramid levels p2..p5), got {levels}")
+
+
+def simple_feature_pyramid(
+    dim: int, levels: Sequence[int], dd: dict[str, Any], norm: Literal["group", "layer"] = "group"
+) -> nn.ModuleDict:
+    """ViTDet-style maps at 1/4, 1/2, 1 and 2 times the input stride (``p2`` .. ``p5``), for the chosen levels."""
+    _check_levels(levels)
+    return nn.ModuleDict({f"p{level + 2}": pyramid_level(2.0 ** (2 - level), dim, dd, norm) for level in levels})
 
 
 class PIIP(nn.Module):
-    """Parameter-Inverted Image Pyramid network built from timm Vision Transformers.
+    """Parameter-Inverted Image Pyramid network built from timm Vision Transformers and ConvNeXts.
 
-    Branch ``k`` (0-based) is a timm ViT that sees the input resized by ``branch_sizes[k] / branch_sizes[-1]``;
+    Branch ``k`` (0-based) is a timm model that sees the input resized by ``branch_sizes[k] / branch_sizes[-1]``;
     branch 0 is the largest model on the smallest image. ``forward_features`` returns an NCHW map on the last
-    (finest) branch grid: the concatenation of each branch's normalised tokens resized to that grid
-    (``head_type='separate'``, the released classifiers), or the weighted merge of all branches (``'merged'``:
-    GroupNorm/Linear merges; ``'dense'``: the detection/segmentation conv merges, whose simple feature pyramid is
-    exposed through ``forward_intermediates`` and ``features_only``).
+    (finest) branch grid: the concatenation of each branch's (final-normed) tokens resized to that grid
+    (``head_type='separate'``, the released classifiers, and ``'none'``, the raw branch outputs of the multimodal
+    towers), or the weighted merge of all branches (``'merged'``: GroupNorm/Linear merges; ``'dense'``: the
+    detection/segmentation conv merges, whose feature pyramid is exposed through ``forward_intermediates`` and
+    ``features_only``).
     """
 
     def __init__(
@@ -187,7 +200,7 @@ class PIIP(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         global_pool: Literal["first_patch", "avg", ""] = "avg",
-        head_type: Literal["separate", "merged", "dense"] = "separate",
+        head_type: Literal["separate", "merged", "dense", "none"] = "separate",
         class_token: bool = True,
         img_size: int | tuple[int, int] | None = None,
         branch_sizes: Sequence[int] | None = None,
@@ -195,13 +208,14 @@ class PIIP(nn.Module):
         with_fpn: bool = False,
         fpn_levels: Sequence[int] = (0, 1, 2, 3),
         fpn_norm: Literal["group", "layer"] = "group",
+        merge_stages: Sequence[int] = (),
         drop_rate: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         """
         Args:
-            branches: Branch configs, largest model (smallest image) first; a single branch makes a plain ViT
+            branches: Branch configs, largest model (smallest image) first; a single branch makes a plain
                 baseline with the same heads.
             interaction: Interaction hyper-parameters.
             num_classes: Classes of the head (0 for features only).
@@ -209,19 +223,25 @@ class PIIP(nn.Module):
             global_pool: ``'first_patch'`` reads each branch's first patch token (the official separate-head
                 readout), ``'avg'`` averages the feature map, ``''`` keeps it.
             head_type: ``'separate'`` (a head per branch, logits averaged), ``'merged'`` (GroupNorm/Linear merge,
-                learnable branch weights, LayerNorm, mean, Linear) or ``'dense'`` (conv merges, learnable branch
-                weights and a simple feature pyramid, for detection and segmentation).
-            class_token: Give each branch a class token (no position embedding, skips the interactions).
+                learnable branch weights, LayerNorm, mean, Linear), ``'dense'`` (conv merges, learnable branch
+                weights and a feature pyramid, for detection and segmentation) or ``'none'`` (the branch outputs
+                alone: no final norms, merges or classifier).
+            class_token: Give each ViT branch a class token (no position embedding, skips the interactions).
             img_size: Input size; scales the branch sizes proportionally when ``branch_sizes`` is not given.
             branch_sizes: Explicit branch resolutions, smallest (branch 0) first.
             window_padding: Where windowed attention zero-pads: ``'before_qkv'`` (released configs) or
                 ``'after_qkv'`` (the official non-flash DeiT path).
-            with_fpn: Build the dense head's simple feature pyramid; its levels become the feature taps
-                (``features_only=True`` turns it on for dense models). Without it the taps are interaction stages.
-            fpn_levels: Pyramid levels, indices of strides ``(1/4, 1/2, 1, 2) x`` the last branch's patch size;
-                ``(1, 2, 3)`` for DINO.
+            with_fpn: Build the dense head's feature pyramid; its levels become the feature taps
+                (``features_only=True`` turns it on for dense models). Without it the taps are interaction stages
+                (or the ``merge_stages`` maps).
+            fpn_levels: Pyramid levels, indices of strides ``(4, 8, 16, 32)``; ``(1, 2, 3)`` for DINO.
             fpn_norm: Normalisation inside the stride-4 level: ``'group'`` (GroupNorm(32), the PIIP backbones) or
                 ``'layer'`` (channels-first LayerNorm, the official single-ViT baselines).
+            merge_stages: Interaction stages whose tokens get merges of their own, the dense maps of the
+                official regular-FPN configs (``out_interaction_indexes``): the pyramid is then these maps and the
+                final one, each on the last branch's grid at that depth with branch 0's width at that depth, and
+                every merge is the lighter (Conv3x3-)GroupNorm-ReLU. Needed by branches whose width changes between
+                stages (ConvNeXt).
             drop_rate: Dropout before the classifier.
             device: Parameter device.
             dtype: Parameter dtype.
@@ -229,19 +249,31 @@ class PIIP(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         branches = tuple(branches)
+        merge_stages = tuple(int(s) for s in merge_stages)
         if not branches:
             raise ValueError("a pyramid needs at least one branch")
-        if head_type not in ("separate", "merged", "dense"):
-            raise ValueError(f"head_type must be 'separate', 'merged' or 'dense', got {head_type!r}")
+        if head_type not in ("separate", "merged", "dense", "none"):
+            raise ValueError(f"head_type must be 'separate', 'merged', 'dense' or 'none', got {head_type!r}")
         if with_fpn and head_type != "dense":
             raise ValueError(f"with_fpn needs head_type='dense', got {head_type!r}")
+        if merge_stages and head_type != "dense":
+            raise ValueError(f"merge_stages needs head_type='dense', got {head_type!r}")
+        if head_type == "none" and num_classes:
+            raise ValueError(f"head_type='none' has no classifier; build it with num_classes=0, not {num_classes}")
         if window_padding not in ("before_qkv", "after_qkv"):
             raise ValueError(f"window_padding must be 'before_qkv' or 'after_qkv', got {window_padding!r}")
         sizes = self._resolve_sizes(branches, img_size, branch_sizes)
-        num_segments = {len(b.segments) for b in branches}
-        if len(num_segments) != 1:
+        segment_counts = {len(b.segments) for b in branches}
+        if len(segment_counts) != 1:
             counts = ", ".join(f"branch {k}: {len(b.segments)}" for k, b in enumerate(branches))
             raise ValueError(f"every branch needs the same number of block segments ({counts})")
+        num_stages = segment_counts.pop()
+        if merge_stages and (list(merge_stages) != sorted(set(merge_stages)) or not 0 <= merge_stages[0]
+                             or merge_stages[-1] >= num_stages - 1):
+            raise ValueError(
+                f"merge_stages must be increasing interaction stages before the last ({num_stages - 1}), got "
+                f"{merge_stages}"
+            )
         if class_token and any(b.window_size for b in branches):
             raise ValueError("windowed attention works on the patch grid alone; build the model with class_token=False")
 
@@ -251,29 +283,30 @@ class PIIP(nn.Module):
         self.branch_sizes = sizes
         self.window_padding = window_padding
         self.grad_checkpointing = False
-        self.branches = nn.ModuleList(
-            self._build_branch(k, cfg, size, num_classes, in_chans, class_token, head_type == "separate", dd)
+        built = [
+            build_branch(k, cfg, size, num_classes, in_chans, class_token, head_type == "separate", window_padding, dd)
             for k, (cfg, size) in enumerate(zip(branches, sizes))
-        )
-        for k, (cfg, branch) in enumerate(zip(branches, self.branches)):
-            self._check_segments(k, cfg.segments, len(branch.blocks))
+        ]
+        self.branches = nn.ModuleList(model for model, _ in built)
+        # Plain tuple, not a module: the adapters add no state-dict level (keys stay branches.{k}.<timm names>).
+        self._adapters = tuple(adapter for _, adapter in built)
+        for k, (cfg, adapter) in enumerate(zip(branches, self._adapters)):
+            self._check_segments(k, cfg.segments, adapter.depth)
         # The build configuration, read by piip_models.counting (paper-convention twin) and the CLI's ``info``.
         self.branch_cfgs = branches
         self.interaction_cfg = interaction
         self.segments = tuple(cfg.segments for cfg in branches)
-        self.windows = tuple(
-            tuple(0 if i in cfg.global_blocks else cfg.window_size for i in range(len(branch.blocks)))
-            for cfg, branch in zip(branches, self.branches)
+        self.windows = tuple(adapter.windows for adapter in self._adapters)
+        self.embed_dims = tuple(adapter.embed_dim for adapter in self._adapters)
+        # Width and stride of every branch at the end of every stage (ConvNeXt branches change both).
+        self.stage_dims = tuple(
+            tuple(a.widths[segs[i][1]] for a, segs in zip(self._adapters, self.segments)) for i in range(num_stages)
         )
-        self.embed_dims = tuple(branch.embed_dim for branch in self.branches)
-        if any(a < b for a, b in zip(self.embed_dims, self.embed_dims[1:])):
-            raise ValueError(
-                f"branch order is not inverted: widths {self.embed_dims} must not grow from branch 0 (largest model, "
-                "smallest image) to the last branch"
-            )
-        self.patch_sizes = tuple(branch.patch_embed.patch_size for branch in self.branches)
-        # Class/register tokens never get a position embedding in PIIP; some timm ViTs store slots for them anyway.
-        self._pos_skip = tuple(0 if b.no_embed_class else b.num_prefix_tokens for b in self.branches)
+        self.stage_strides = tuple(
+            tuple(a.strides[segs[i][1]] for a, segs in zip(self._adapters, self.segments)) for i in range(num_stages)
+        )
+        self.min_input_sizes = tuple(adapter.min_input for adapter in self._adapters)
+        self._check_widths(branches, merge_stages)
 
         injector_kwargs = dict(
             num_heads=interaction.num_heads,
@@ -285,25 +318,37 @@ class PIIP(nn.Module):
             with_norm=interaction.with_norm,
         )
         self.interactions = nn.ModuleList(
-            InteractionBlock(self.embed_dims, with_proj=interaction.with_proj, **injector_kwargs, **dd)
-            for _ in range(num_segments.pop())
+            InteractionBlock(dims, with_proj=interaction.with_proj, **injector_kwargs, **dd) for dims in self.stage_dims
         )
         self.interactions.apply(init_piip_weights)
 
         self.head_drop = nn.Dropout(drop_rate)
         merge_dim = self.embed_dims[0]
-        self.merges = self.branch_weights = self.fpn = None
-        if head_type == "separate":
+        self.merges = self.branch_weights = self.fpn = self.stage_merges = self.stage_branch_weights = None
+        if head_type in ("separate", "none"):
             self.num_features = self.head_hidden_size = sum(self.embed_dims)
         else:
             if len(branches) > 1:
                 self.merges = nn.ModuleList(
                     classification_merge(dim, merge_dim, k > 0, dd) if head_type == "merged" else
+                    regular_dense_merge(dim, merge_dim, k > 0, dd) if merge_stages else
                     dense_merge(dim, merge_dim, dd)
                     for k, dim in enumerate(self.embed_dims)
                 )
                 self.branch_weights = nn.Parameter(torch.ones(len(branches), **dd))
                 self.merges.apply(init_piip_weights)
+                if merge_stages:
+                    self.stage_merges = nn.ModuleDict({
+                        str(s): nn.ModuleList(
+                            regular_dense_merge(dim, self.stage_dims[s][0], k > 0, dd)
+                            for k, dim in enumerate(self.stage_dims[s])
+                        )
+                        for s in merge_stages
+                    })
+                    self.stage_branch_weights = nn.ParameterDict(
+                        {str(s): nn.Parameter(torch.ones(len(branches), **dd)) for s in merge_stages}
+                    )
+                    self.stage_merges.apply(init_piip_weights)
             self.head_norm = nn.LayerNorm(merge_dim, eps=1e-6, **dd) if head_type == "merged" else nn.Identity()
             self.head = nn.Linear(merge_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
             self.head.apply(init_piip_weights)
@@ -311,19 +356,46 @@ class PIIP(nn.Module):
         self._check_pool(global_pool)
         self.global_pool = global_pool
 
-        patch = self.patch_sizes[-1][0]
-        if with_fpn:
+        # Pyramid levels of the regular-FPN configs: one per merge stage, plus the final map.
+        self.tap_stages = merge_stages + (num_stages - 1,) if merge_stages else ()
+        if self.tap_stages:
+            tap_dims = [self.stage_dims[s][0] for s in self.tap_stages]
+            tap_strides = [self.stage_strides[s][-1] for s in self.tap_stages]
+            if with_fpn:
+                _check_levels(fpn_levels)
+                if len(fpn_levels) != len(self.tap_stages):
+                    raise ValueError(
+                        f"a regular pyramid has one level per merge stage and one for the final map "
+                        f"({len(self.tap_stages)}), got fpn_levels {tuple(fpn_levels)}"
+                    )
+                self.fpn = nn.ModuleDict({
+                    f"p{level + 2}": pyramid_level(stride / (4 * 2**level), dim, dd)
+                    for level, dim, stride in zip(fpn_levels, tap_dims, tap_strides)
+                })
+                self.feature_info = [
+                    dict(num_chs=dim, reduction=4 * 2**level, module=f"fpn.p{level + 2}")
+                    for level, dim in zip(fpn_levels, tap_dims)
+                ]
+            else:
+                self.feature_info = [
+                    dict(num_chs=dim, reduction=stride, module=f"interactions.{s}")
+                    for s, dim, stride in zip(self.tap_stages, tap_dims, tap_strides)
+                ]
+        elif with_fpn:
+            patch = self.stage_strides[-1][-1]
             self.fpn = simple_feature_pyramid(merge_dim, fpn_levels, dd, fpn_norm)
-            self.fpn.apply(init_piip_weights)
             self.feature_info = [
                 dict(num_chs=merge_dim, reduction=int(patch * 2.0 ** (level - 2)), module=f"fpn.p{level + 2}")
                 for level in fpn_levels
             ]
         else:
+            concat = head_type in ("separate", "none")
             self.feature_info = [
-                dict(num_chs=self.num_features, reduction=patch, module=f"interactions.{i}")
-                for i in range(len(self.interactions))
+                dict(num_chs=sum(dims) if concat else merge_dim, reduction=strides[-1], module=f"interactions.{i}")
+                for i, (dims, strides) in enumerate(zip(self.stage_dims, self.stage_strides))
             ]
+        if self.fpn is not None:
+            self.fpn.apply(init_piip_weights)
 
     @staticmethod
     def _resolve_sizes(
@@ -359,46 +431,21 @@ class PIIP(nn.Module):
         if expected_start != depth:
             raise ValueError(f"branch {index}: segments {list(segments)} cover {expected_start} of {depth} blocks")
 
-    @staticmethod
-    def _build_branch(
-        index: int,
-        cfg: BranchCfg,
-        img_size: int,
-        num_classes: int,
-        in_chans: int,
-        class_token: bool,
-        with_head: bool,
-        dd: dict[str, Any],
-    ) -> VisionTransformer:
-        branch = timm.create_model(
-            cfg.model_name,
-            pretrained=False,
-            img_size=cfg.pos_embed_size or img_size,
-            in_chans=in_chans,
-            num_classes=num_classes if with_head else 0,
-            global_pool="",
-            fc_norm=False,
-            final_norm=with_head,
-            class_token=class_token,
-            dynamic_img_size=True,
-            **{**cfg.model_args, **dd},
-        )
-        if not isinstance(branch, VisionTransformer):
-            raise TypeError(
-                f"branch {index} ({cfg.model_name}) must be a timm VisionTransformer, got {type(branch).__name__}"
-            )
-        depth = len(branch.blocks)
-        rates = [cfg.drop_path_rate] * depth
-        if cfg.drop_path_mode == "linear":
-            rates = [cfg.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        elif cfg.drop_path_mode != "constant":
+    def _check_widths(self, branches: Sequence[BranchCfg], merge_stages: tuple[int, ...]) -> None:
+        kinds = [type(adapter) for adapter in self._adapters]
+        # Widths only rank models of one kind: a ConvNeXt-T is wider than a (larger-image) ViT-S.
+        if any(ka == kb and a < b for ka, kb, a, b in zip(kinds, kinds[1:], self.embed_dims, self.embed_dims[1:])):
             raise ValueError(
-                f"branch {index}: drop_path_mode must be 'constant' or 'linear', got {cfg.drop_path_mode!r}"
+                f"branch order is not inverted: widths {self.embed_dims} must not grow from branch 0 (largest model, "
+                "smallest image) to the last branch (compared between branches of the same kind)"
             )
-        for block, rate in zip(branch.blocks, rates):
-            block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
-            block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
-        return branch
+        widening = [k for k, adapter in enumerate(self._adapters) if len(set(adapter.widths)) > 1]
+        if widening and (self.head_type == "merged" or (self.head_type == "dense" and not merge_stages)):
+            k = widening[0]
+            raise ValueError(
+                f"branch {k} ({branches[k].model_name}) changes width between stages, which one set of merges cannot "
+                "take; use head_type='dense' with merge_stages (the regular-FPN configs) or head_type='none'"
+            )
 
     def _check_pool(self, global_pool: str) -> None:
         allowed = ("first_patch", "avg", "") if self.head_type == "separate" else ("avg", "")
@@ -414,12 +461,12 @@ class PIIP(nn.Module):
         for k, size in enumerate(self.branch_sizes):
             scale = size / self.branch_sizes[-1]
             branch_h, branch_w = math.floor(height * scale), math.floor(width * scale)
-            patch_h, patch_w = self.patch_sizes[k]
-            if branch_h < patch_h or branch_w < patch_w:
-                min_side = math.ceil(max(patch_h, patch_w) / scale)
+            min_h, min_w = self.min_input_sizes[k]
+            if branch_h < min_h or branch_w < min_w:
+                min_side = math.ceil(max(min_h, min_w) / scale)
                 raise ValueError(
-                    f"input {height}x{width} is too small: branch {k} sees {branch_h}x{branch_w} px, less than its "
-                    f"{patch_h}x{patch_w} patch; use inputs of at least {min_side}x{min_side}"
+                    f"input {height}x{width} is too small: branch {k} sees {branch_h}x{branch_w} px, less than the "
+                    f"{min_h}x{min_w} px it needs for one token; use inputs of at least {min_side}x{min_side}"
                 )
 
     def _branch_images(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -430,48 +477,9 @@ class PIIP(nn.Module):
             for size in self.branch_sizes
         ]
 
-    def _embed(self, index: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, BranchGeometry]:
-        branch = self.branches[index]
-        patch_h, patch_w = self.patch_sizes[index]
-        # A stride-p patch conv ignores the last H % p rows and W % p columns; crop them so any size is accepted.
-        image = image[..., : image.shape[-2] // patch_h * patch_h, : image.shape[-1] // patch_w * patch_w]
-        x = branch.patch_embed(image)
-        batch, height, width, channels = x.shape
-        x = x.reshape(batch, height * width, channels)
-        if branch.pos_embed is not None:  # BEiT branches encode positions with a relative bias only
-            x = x + resample_abs_pos_embed(
-                branch.pos_embed[:, self._pos_skip[index]:],
-                new_size=(height, width),
-                old_size=branch.patch_embed.grid_size,
-                num_prefix_tokens=0,
-                antialias=False,
-            )
-        x = branch.pos_drop(x)
-        prefix = [t.expand(batch, -1, -1) for t in (branch.cls_token, branch.reg_token) if t is not None]
-        prefix_tokens = branch.norm_pre(torch.cat(prefix, dim=1)) if prefix else None
-        geometry = BranchGeometry(height, width, reference_points(height, width, device=x.device))
-        return branch.norm_pre(x), prefix_tokens, geometry
-
-    def _run_segment(
-        self, index: int, segment: int, tokens: torch.Tensor, prefix: torch.Tensor | None, geom: BranchGeometry
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        start, end = self.segments[index][segment]
-        blocks = self.branches[index].blocks[start:end + 1]
-        windows = self.windows[index][start:end + 1]
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            for block, window in zip(blocks, windows):
-                x = block_forward(block, x, (geom.height, geom.width), window, self.window_padding)
-            return x
-
-        x = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
-        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
-        else:
-            x = run(x)
-        if prefix is None:
-            return x, None
-        return x[:, prefix.shape[1]:], x[:, :prefix.shape[1]]
+    @staticmethod
+    def _geometry(grid: tuple[int, int], device: torch.device) -> BranchGeometry:
+        return BranchGeometry(grid[0], grid[1], reference_points(grid[0], grid[1], device=device))
 
     def _forward_stages(
         self,
@@ -481,29 +489,44 @@ class PIIP(nn.Module):
         norm: bool = False,
     ) -> tuple[list[torch.Tensor], list[BranchGeometry], list[torch.Tensor]]:
         self._check_input(x)
-        embedded = [self._embed(k, image) for k, image in enumerate(self._branch_images(x))]
-        tokens = [e[0] for e in embedded]
-        prefixes = [e[1] for e in embedded]
-        geoms = [e[2] for e in embedded]
+        tokens, prefixes, geoms = [], [], []
+        for adapter, branch, image in zip(self._adapters, self.branches, self._branch_images(x)):
+            branch_tokens, prefix, grid = adapter.embed(branch, image)
+            tokens.append(branch_tokens)
+            prefixes.append(prefix)
+            geoms.append(self._geometry(grid, branch_tokens.device))
         last_stage = len(self.interactions) - 1 if last_stage is None else last_stage
         checkpointing = self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled()
         intermediates = []
         for stage, interaction in enumerate(self.interactions[:last_stage + 1]):
-            for k in range(len(self.branches)):
-                tokens[k], prefixes[k] = self._run_segment(k, stage, tokens[k], prefixes[k], geoms[k])
+            for k, (adapter, branch) in enumerate(zip(self._adapters, self.branches)):
+                grid = (geoms[k].height, geoms[k].width)
+                tokens[k], prefixes[k], new_grid = adapter.run(
+                    branch, self.segments[k][stage], tokens[k], prefixes[k], grid, checkpointing
+                )
+                if new_grid != grid:
+                    geoms[k] = self._geometry(new_grid, tokens[k].device)
             if checkpointing:
                 tokens = torch.utils.checkpoint.checkpoint(interaction, tokens, geoms, use_reentrant=False)
             else:
                 tokens = interaction(tokens, geoms)
             if stage in take_indices:
-                intermediates.append(self.fuse(tokens, geoms, norm=norm))
+                intermediates.append(self._stage_map(stage, tokens, geoms, norm))
         return tokens, geoms, intermediates
+
+    def _stage_map(
+        self, stage: int, tokens: Sequence[torch.Tensor], geoms: Sequence[BranchGeometry], norm: bool
+    ) -> torch.Tensor:
+        if self.stage_merges is not None and str(stage) in self.stage_merges:
+            key = str(stage)
+            return self._fuse(tokens, geoms, self.stage_merges[key], self.stage_branch_weights[key], norm=False)
+        return self.fuse(tokens, geoms, norm=norm)
 
     def forward_branches(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[BranchGeometry]]:
         """Runs the pyramid through every block segment and interaction.
 
         Args:
-            x: ``(B, C, H, W)`` image at the last branch's resolution (any size the smallest branch can patchify).
+            x: ``(B, C, H, W)`` image at the last branch's resolution (any size the smallest branch can embed).
 
         Returns:
             The patch tokens ``(B, H_k * W_k, D_k)`` of each branch and each branch's token grid.
@@ -514,37 +537,50 @@ class PIIP(nn.Module):
     def fuse(self, tokens: Sequence[torch.Tensor], geoms: Sequence[BranchGeometry], norm: bool = True) -> torch.Tensor:
         """Fuses branch tokens into one NCHW map on the last branch's grid.
 
-        Separate heads concatenate each branch's (final-normed when ``norm``) tokens, upsampled to that grid; the
-        merged and dense heads apply the branch merges and the learnable branch weights.
+        Separate heads concatenate each branch's (final-normed when ``norm``) tokens, upsampled to that grid, and
+        ``'none'`` heads the raw tokens; the merged and dense heads apply the branch merges and the learnable branch
+        weights.
         """
+        return self._fuse(tokens, geoms, self.merges, self.branch_weights, norm)
+
+    def _fuse(
+        self,
+        tokens: Sequence[torch.Tensor],
+        geoms: Sequence[BranchGeometry],
+        merges: nn.ModuleList | None,
+        weights: torch.Tensor | None,
+        norm: bool,
+    ) -> torch.Tensor:
         target = (geoms[-1].height, geoms[-1].width)
         maps = []
         for k, (t, geom) in enumerate(zip(tokens, geoms)):
             if self.head_type == "separate" and norm:
                 t = self.branches[k].norm(t)
             feature_map = t.transpose(1, 2).reshape(t.shape[0], t.shape[2], geom.height, geom.width)
-            if self.merges is not None:
-                feature_map = self.merges[k](feature_map)
+            if merges is not None:
+                feature_map = merges[k](feature_map)
             if (geom.height, geom.width) != target:
                 # Upsampled in fp32 as the reference does; a smaller grid's top-left cell maps exactly onto the target.
                 feature_map = F.interpolate(
                     feature_map.float(), size=target, mode="bilinear", align_corners=False
                 ).to(feature_map.dtype)
             maps.append(feature_map)
-        if self.head_type == "separate":
+        if self.head_type in ("separate", "none"):
             return torch.cat(maps, dim=1)
-        if self.branch_weights is None:
+        if weights is None:
             return maps[0]
-        return sum(w * m for w, m in zip(self.branch_weights.unbind(0), maps))
+        return sum(w * m for w, m in zip(weights.unbind(0), maps))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image to the ``(B, num_features, H, W)`` feature map on the last branch's token grid."""
         return self.fuse(*self.forward_branches(x))
 
     def forward_pyramid(self, features: torch.Tensor, levels: Sequence[int] | None = None) -> list[torch.Tensor]:
-        """The dense head's feature pyramid (``p2`` .. ``p5``) of a :meth:`forward_features` map."""
+        """The dense head's simple feature pyramid (``p2`` .. ``p5``) of a :meth:`forward_features` map."""
         if self.fpn is None:
             raise RuntimeError("this model has no feature pyramid; build a dense model with with_fpn=True")
+        if self.tap_stages:
+            raise RuntimeError("a regular pyramid needs the maps of several stages; use forward_intermediates")
         names = list(self.fpn.keys()) if levels is None else [list(self.fpn.keys())[i] for i in levels]
         return [self.fpn[name](features) for name in names]
 
@@ -573,12 +609,16 @@ class PIIP(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        if self.fpn is not None:
+        if self.fpn is not None and not self.tap_stages:
             features = self.forward_features(x)
             intermediates = self.forward_pyramid(features, take_indices)
             return intermediates if intermediates_only else (features, intermediates)
-        last_stage = max_index if stop_early or intermediates_only else None
-        tokens, geoms, intermediates = self._forward_stages(x, take_indices, last_stage, norm)
+        stages = [self.tap_stages[i] for i in take_indices] if self.tap_stages else take_indices
+        last_stage = max(stages) if stop_early or intermediates_only else None
+        tokens, geoms, intermediates = self._forward_stages(x, stages, last_stage, norm)
+        if self.tap_stages and self.fpn is not None:
+            names = list(self.fpn.keys())
+            intermediates = [self.fpn[names[i]](m) for i, m in zip(sorted(take_indices), intermediates)]
         if intermediates_only:
             return intermediates
         return self.fuse(tokens, geoms), intermediates
@@ -589,22 +629,42 @@ class PIIP(nn.Module):
         prune_norm: bool = False,
         prune_head: bool = True,
     ) -> list[int]:
-        """Drops what the selected taps do not need: later stages (stage taps) or unselected pyramid levels."""
+        """Drops what the selected taps do not need: unselected simple-pyramid levels, or the stages after the last
+        selected tap (and, for regular pyramids, the unselected levels' merges; the last kept one becomes final)."""
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        if self.fpn is not None:
+        keep = sorted(take_indices)
+        if self.fpn is not None and not self.tap_stages:
             names = list(self.fpn.keys())
-            self.fpn = nn.ModuleDict({names[i]: self.fpn[names[i]] for i in take_indices})
-            self.feature_info = [self.feature_info[i] for i in take_indices]
-            take_indices = list(range(len(take_indices)))
-        else:
-            self.interactions = self.interactions[:max_index + 1]
-            self.segments = tuple(segs[:max_index + 1] for segs in self.segments)
-            for branch, segs in zip(self.branches, self.segments):
-                branch.blocks = branch.blocks[:segs[-1][1] + 1]
-                if prune_norm:
-                    branch.norm = nn.Identity()
+            self.fpn = nn.ModuleDict({names[i]: self.fpn[names[i]] for i in keep})
+            self.feature_info = [self.feature_info[i] for i in keep]
+            return self._prune_head(list(range(len(keep))), prune_head)
+        last_stage = max_index
+        if self.tap_stages:
+            kept = [self.tap_stages[i] for i in keep]
+            last_stage = kept[-1]
+            if self.stage_merges is not None:
+                if last_stage != self.tap_stages[-1]:
+                    self.merges = self.stage_merges[str(last_stage)]
+                    self.branch_weights = self.stage_branch_weights[str(last_stage)]
+                for key in list(self.stage_merges):
+                    if int(key) not in kept[:-1]:
+                        del self.stage_merges[key], self.stage_branch_weights[key]
+            if self.fpn is not None:
+                names = list(self.fpn.keys())
+                self.fpn = nn.ModuleDict({names[i]: self.fpn[names[i]] for i in keep})
+            self.tap_stages = tuple(kept)
+            self.feature_info = [self.feature_info[i] for i in keep]
+            self.num_features = self.head_hidden_size = self.stage_dims[last_stage][0]
+            take_indices = list(range(len(keep)))
+        self.interactions = self.interactions[:last_stage + 1]
+        self.segments = tuple(segs[:last_stage + 1] for segs in self.segments)
+        for adapter, branch, segs in zip(self._adapters, self.branches, self.segments):
+            adapter.prune(branch, segs[-1][1] + 1, prune_norm)
+        return self._prune_head(take_indices, prune_head)
+
+    def _prune_head(self, take_indices: list[int], prune_head: bool) -> list[int]:
         if prune_head:
-            if self.head_type != "separate":
+            if self.head_type in ("merged", "dense"):
                 self.head_norm = nn.Identity()
             self.reset_classifier(0, "")
         return take_indices
@@ -616,7 +676,7 @@ class PIIP(nn.Module):
             x: Output of :meth:`forward_features`.
             pre_logits: Return the pooled features instead of logits.
         """
-        if self.head_type != "separate":
+        if self.head_type in ("merged", "dense"):
             x = self.head_norm(x.permute(0, 2, 3, 1))
             if self.global_pool == "avg":
                 x = x.mean(dim=(1, 2))
@@ -642,9 +702,9 @@ class PIIP(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module | tuple[nn.Module, ...]:
-        if self.head_type != "separate":
+        if self.head_type in ("merged", "dense"):
             return self.head
-        return tuple(branch.head for branch in self.branches)
+        return tuple(branch.head for branch in self.branches) if self.head_type == "separate" else ()
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replaces the classifier(s).
@@ -653,6 +713,8 @@ class PIIP(nn.Module):
             num_classes: New number of classes (0 removes the classifier).
             global_pool: New pooling; the current one when None.
         """
+        if self.head_type == "none" and num_classes:
+            raise ValueError("head_type='none' has no classifier to reset; only num_classes=0 applies")
         if global_pool is not None:
             self._check_pool(global_pool)
             self.global_pool = global_pool
@@ -663,9 +725,9 @@ class PIIP(nn.Module):
         def new_head(dim: int) -> nn.Module:
             return nn.Linear(dim, num_classes, **dd).train(self.training) if num_classes > 0 else nn.Identity()
 
-        if self.head_type != "separate":
+        if self.head_type in ("merged", "dense"):
             self.head = new_head(self.num_features)
-        else:
+        elif self.head_type == "separate":
             for branch in self.branches:
                 branch.head = new_head(branch.embed_dim)
                 branch.num_classes = num_classes
@@ -685,20 +747,18 @@ class PIIP(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         """Groups parameters by pyramid stage: embeddings, then one group per interaction, then merge and heads."""
-        stage_of_block = [
-            {block: stage for stage, (start, end) in enumerate(segs) for block in range(start, end + 1)}
+        stage_of_unit = [
+            {unit: stage for stage, (start, end) in enumerate(segs) for unit in range(start, end + 1)}
             for segs in self.segments
         ]
         num_stages = len(self.interactions)
-        stem_names = ("cls_token", "reg_token", "pos_embed", "patch_embed")
 
         def stage(name: str) -> int:
             parts = name.split(".")
             if parts[0] == "branches":
-                if parts[2] in stem_names:
-                    return 0
-                if parts[2] == "blocks":
-                    return stage_of_block[int(parts[1])][int(parts[3])] + 1
+                unit = self._adapters[int(parts[1])].unit_of(parts[2:])
+                if unit is not None:
+                    return 0 if unit < 0 else stage_of_unit[int(parts[1])][unit] + 1
             elif parts[0] == "interactions":
                 return int(parts[1]) + 1
             return num_stages + 1
@@ -712,13 +772,13 @@ class PIIP(nn.Module):
         Position embeddings are resampled to the branch grid; interactions and merges keep their current values
         (zero-initialised gates make a fresh pyramid equal to the independent branches).
         """
-        for branch in self.branches:
+        for adapter, branch in zip(self._adapters, self.branches):
             load_pretrained(
                 branch,
                 pretrained_cfg=branch.pretrained_cfg,
                 num_classes=branch.num_classes,
                 in_chans=self.in_chans,
-                filter_fn=branch_checkpoint_filter_fn,
+                filter_fn=adapter.filter_fn,
                 cache_dir=cache_dir,
             )
 
@@ -732,7 +792,7 @@ class PIIP(nn.Module):
         load_checkpoint(self, checkpoint_path, strict=strict)
 
 
-def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
+def _create_piip(variant: str, pretrained: bool = False, model_cls: type[PIIP] | None = None, **kwargs) -> PIIP:
     pretrained_cfg = resolve_pretrained_cfg(
         variant,
         pretrained_cfg=kwargs.pop("pretrained_cfg", None),
@@ -747,12 +807,14 @@ def _create_piip(variant: str, pretrained: bool = False, **kwargs) -> PIIP:
         kwargs.setdefault("with_fpn", True)
     if kwargs.get("with_fpn"):
         out_indices = tuple(range(len(kwargs.get("fpn_levels", (0, 1, 2, 3)))))  # every pyramid level
+    elif kwargs.get("merge_stages"):
+        out_indices = tuple(range(len(kwargs["merge_stages"]) + 1))  # every regular-pyramid map
     else:
         # Four evenly spaced interaction stages, the last one included, as ViT-Adapter-style pyramids tap them.
         num_stages = len(kwargs["branches"][0].segments)
         out_indices = tuple(sorted({max(0, round(num_stages * (i + 1) / 4) - 1) for i in range(4)}))
     model = build_model_with_cfg(
-        PIIP,
+        model_cls or PIIP,
         variant,
         pretrained and not load_branches,
         pretrained_cfg=pretrained_cfg,
@@ -1159,12 +1221,12 @@ def create_pyramid(
     pretrained: bool = False,
     **kwargs,
 ) -> PIIP:
-    """Builds a custom PIIP from any timm ViT names and sizes.
+    """Builds a custom PIIP from any timm ViT (or ConvNeXt) names and sizes.
 
     Args:
         branches: ``(timm_model_name, img_size)`` pairs or :class:`BranchCfg`, largest model (smallest image) first.
             A pretrained tag in the name (``deit_small_patch16_224.fb_in1k``) selects the weights to load.
-        num_interactions: Interaction count; each branch's blocks are split evenly. Defaults to the smallest depth.
+        num_interactions: Interaction count; each branch's units are split evenly. Defaults to the smallest depth.
         pretrained: Load each branch's timm pretrained weights (interactions start at their zero init).
         **kwargs: :class:`PIIP` keyword arguments (``num_classes``, ``head_type``, ``interaction``, ...).
 
@@ -1176,7 +1238,7 @@ def create_pyramid(
         if isinstance(item, BranchCfg):
             depths.append(max(end for _, end in item.segments) + 1)
         else:
-            depths.append(len(timm.create_model(item[0], pretrained=False, device="meta").blocks))
+            depths.append(unit_count(item[0]))
     num_interactions = num_interactions or min(depths)
     cfgs = tuple(
         item if isinstance(item, BranchCfg)

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
+from timm.models.convnext import ConvNeXt
+from timm.models.convnext import checkpoint_filter_fn as convnext_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
@@ -33,6 +35,7 @@ __all__ = [
     "check_state_dict",
     "checkpoint_filter_fn",
     "convert_official_state_dict",
+    "convnext_branch_checkpoint_filter_fn",
     "unwrap_state_dict",
 ]
 
@@ -153,6 +156,13 @@ def branch_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionTran
     return state_dict
 
 
+def convnext_branch_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ConvNeXt) -> dict[str, torch.Tensor]:
+    """Adapts a timm/FB/OpenCLIP ConvNeXt checkpoint to one PIIP branch: timm's own conversion, then the pooled head
+    (final norm, MLP, classifier), which a branch does not build, is dropped."""
+    state_dict = convnext_checkpoint_filter_fn(unwrap_state_dict(state_dict), model)
+    return {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+
+
 _OFFICIAL_RENAMES = (
     (re.compile(r"^branch(\d+)\."), lambda m: f"branches.{int(m.group(1)) - 1}."),
     (re.compile(r"\.gamma_([12])$"), lambda m: f".ls{m.group(1)}.gamma"),
@@ -167,8 +177,23 @@ _OFFICIAL_RENAMES = (
     (re.compile(r"^fpn([1-4])\."), lambda m: f"fpn.p{int(m.group(1)) + 1}."),
     (re.compile(r"^cls_norm\."), lambda m: "head_norm."),
     (re.compile(r"^cls_head\."), lambda m: "head."),
+    # regular-FPN intermediate merges
+    (re.compile(r"^intermediate_merging_(\d+)_branch(\d+)\."),
+     lambda m: f"stage_merges.{m.group(1)}.{int(m.group(2)) - 1}."),
+    # Hugging Face ConvNeXt branches (detection) to timm names
+    (re.compile(r"\.convnext_model\.embeddings\.patch_embeddings\."), lambda m: ".stem.0."),
+    (re.compile(r"\.convnext_model\.embeddings\.layernorm\."), lambda m: ".stem.1."),
+    (re.compile(r"\.convnext_model\.encoder\.stages\.(\d+)\.downsampling_layer\."),
+     lambda m: f".stages.{m.group(1)}.downsample."),
+    (re.compile(r"\.convnext_model\.encoder\.stages\.(\d+)\.layers\."), lambda m: f".stages.{m.group(1)}.blocks."),
+    (re.compile(r"(\.stages\.\d+\.blocks\.\d+)\.(dwconv|layernorm|pwconv1|pwconv2)\."),
+     lambda m: f"{m.group(1)}.{_HF_CONVNEXT_BLOCK[m.group(2)]}."),
+    (re.compile(r"(\.stages\.\d+\.blocks\.\d+)\.layer_scale_parameter$"), lambda m: f"{m.group(1)}.gamma"),
 )
-_OFFICIAL_BRANCH_WEIGHT = re.compile(r"^w(\d+)$")
+_HF_CONVNEXT_BLOCK = {"dwconv": "conv_dw", "layernorm": "norm", "pwconv1": "mlp.fc1", "pwconv2": "mlp.fc2"}
+_OFFICIAL_BRANCH_WEIGHT = re.compile(r"^(?:intermediate_merging_(\d+)_)?w(\d+)$")
+# Official tensors no PIIP module reads: the Hugging Face ConvNeXt's final (pooling) LayerNorm.
+_OFFICIAL_UNUSED = re.compile(r"^branch\d+\.convnext_model\.layernorm\.")
 # Single-ViT layout (the official detection baselines' ``vit_models``, or a plain ViT): the ViT is branch 0 and the
 # baseline's simple pyramid ``up1..up4`` is ours ``fpn.p2..p5``.
 _SINGLE_VIT_RENAMES = (
@@ -193,22 +218,27 @@ def convert_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torc
         state_dict: Official checkpoint or state dict (wrappers and a ``backbone.`` prefix are removed).
 
     Returns:
-        The state dict with piip-models key names; the scalar branch weights ``w1..wN`` become ``branch_weights``.
+        The state dict with piip-models key names; the scalar branch weights ``w1..wN`` become ``branch_weights``
+        (``intermediate_merging_{i}_w{k}``: ``stage_branch_weights.{i}``); the unused final LayerNorm of Hugging
+        Face ConvNeXt branches is dropped.
     """
     state_dict = unwrap_state_dict(state_dict)
     renames = _SINGLE_VIT_RENAMES + _OFFICIAL_RENAMES if _is_single_vit_layout(state_dict) else _OFFICIAL_RENAMES
     converted: dict[str, torch.Tensor] = {}
-    branch_weights: dict[int, torch.Tensor] = {}
+    branch_weights: dict[str, dict[int, torch.Tensor]] = {}
     for key, value in state_dict.items():
+        if _OFFICIAL_UNUSED.match(key):
+            continue
         match = _OFFICIAL_BRANCH_WEIGHT.match(key)
         if match:
-            branch_weights[int(match.group(1))] = value.reshape(())
+            target = "branch_weights" if match.group(1) is None else f"stage_branch_weights.{match.group(1)}"
+            branch_weights.setdefault(target, {})[int(match.group(2))] = value.reshape(())
             continue
         for pattern, repl in renames:
             key = pattern.sub(repl, key)
         converted[key] = value
-    if branch_weights:
-        converted["branch_weights"] = torch.stack([branch_weights[k] for k in sorted(branch_weights)])
+    for target, weights in branch_weights.items():
+        converted[target] = torch.stack([weights[k] for k in sorted(weights)])
     return converted
 
 
