@@ -32,8 +32,8 @@ def test_list(capsys):
 def test_info(capsys):
     assert cli.main(["info", "piip_tsb_1120_896_448"]) == 0
     out = capsys.readouterr().out
-    assert "branch 0: deit3_base_patch16_224.fb_in22k_ft_in1k @448px  dim 768" in out
-    assert "branch 2: deit_tiny_patch16_224.fb_in1k @1120px  dim 192" in out
+    assert "branch 0: deit3_base_patch16_224.fb_in22k_ft_in1k (VisionTransformer) @448px  dim 768" in out
+    assert "branch 2: deit_tiny_patch16_224.fb_in1k (VisionTransformer) @1120px  dim 192" in out
     assert "175,043,715 (module as it runs, with its feature pyramid) / 146,441,707 (paper convention)" in out
     assert "243.13 (paper), published 243.0" in out
     assert "baseline: piip_baseline_vit_b_1024" in out

@@ -198,3 +198,18 @@ def test_dense_models_default_to_no_classes_and_detection_normalisation():
             ("piip_h6b_512_", *IMAGENET_COMBOS)
         )
         assert cfg.mean == ((0.485, 0.456, 0.406) if imagenet else (0.5, 0.5, 0.5))
+
+
+def test_set_windows_switches_windowed_attention_and_validates():
+    model = _tiny_dense().eval()
+    x = torch.randn(1, 3, 80, 112)
+    with torch.no_grad():
+        windowed = model.forward_features(x)
+        windows = model.windows
+        model.set_windows(tuple((0,) * len(w) for w in windows))
+        global_attention = model.forward_features(x)
+        model.set_windows(windows)
+        torch.testing.assert_close(model.forward_features(x), windowed)
+    assert (global_attention - windowed).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="entries per branch"):
+        model.set_windows(((0,),))

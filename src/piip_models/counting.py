@@ -190,11 +190,11 @@ def _global_attention(model: nn.Module) -> Iterator[None]:
     saved = [(piip, piip.windows) for piip in _piip_modules(model)]
     try:
         for piip, windows in saved:
-            piip.windows = tuple(tuple(0 for _ in branch) for branch in windows)
+            piip.set_windows(tuple((0,) * len(branch) for branch in windows))
         yield
     finally:
         for piip, windows in saved:
-            piip.windows = windows
+            piip.set_windows(windows)
 
 
 def _paper_macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -314,7 +314,20 @@ TwinBuilder = Callable[[nn.Module], nn.Module]
 
 # fnmatch pattern of architecture names -> builder of the paper-convention twin from the registered model (on meta);
 # the first match wins. Families the official scripts counted differently (e.g. LLaVA towers) add their builder here.
-TWIN_BUILDERS: list[tuple[str, TwinBuilder]] = [("*", _classification_twin)]
+def _not_counted(model: nn.Module) -> nn.Module:
+    raise NotImplementedError(
+        f"the paper convention is not implemented for {_architecture(model)}: the official tools count ConvNeXt "
+        "branches without a manual term and the LLaVA towers with their own class-token rules (reference section 6), "
+        "which piip_models.counting does not reproduce yet; use convention='full'"
+    )
+
+
+TWIN_BUILDERS: list[tuple[str, TwinBuilder]] = [
+    ("piip_[cv]t_[cv]s_[cv]b_*", _not_counted),
+    ("piip_baseline_convnext_*", _not_counted),
+    ("piip_llava_*", _not_counted),
+    ("*", _classification_twin),
+]
 
 
 def _architecture(model: nn.Module) -> str:

@@ -732,6 +732,21 @@ class PIIP(nn.Module):
                 branch.head = new_head(branch.embed_dim)
                 branch.num_classes = num_classes
 
+    def set_windows(self, windows: Sequence[Sequence[int]]) -> None:
+        """Sets every branch's per-unit attention window (0: global), e.g. to run a windowed model globally.
+
+        Args:
+            windows: One sequence per branch with one window per unit (ViT block), as :attr:`windows` holds them.
+        """
+        windows = tuple(tuple(int(w) for w in branch) for branch in windows)
+        if [len(w) for w in windows] != [len(w) for w in self.windows]:
+            raise ValueError(
+                f"windows need {[len(w) for w in self.windows]} entries per branch, got {[len(w) for w in windows]}"
+            )
+        for adapter, branch_windows in zip(self._adapters, windows):
+            adapter.windows = branch_windows
+        self.windows = windows
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each branch segment and interaction in the backward pass to save activation memory."""
