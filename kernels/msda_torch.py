@@ -35,6 +35,8 @@ _CHUNK_BYTES = 32 << 20
 # Temporaries per sample (one location of one head) in a chunk: geometry, 4 corner indices and weights, dot products,
 # sort keys and permutations; the backward adds up to 4 * D values per sample for the per-cell sums.
 _SAMPLE_BYTES = 256
+# Below this many value-table rows (N * S * M) the corner dot products are gathered instead of one sampled_addmm.
+_MIN_SDDMM_ROWS = 16
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -207,6 +209,10 @@ def _corner_dots(grad_out: torch.Tensor, table: torch.Tensor, index: torch.Tenso
 
     A sampled dense-dense matmul over the CSR pattern "bag b reads rows index[b]" (one ``sampled_addmm``).
     """
+    if table.shape[0] < _MIN_SDDMM_ROWS:
+        # ATen's sampled_addmm coalesces repeated columns of a row for such small operands, which breaks the
+        # fixed CSR pattern; a value table this small is cheap to gather.
+        return (grad_out.unsqueeze(1) * table[index.view(grad_out.shape[0], -1)]).sum(-1).view(index.shape)
     bags = grad_out.shape[0]
     corners = index.numel() // max(bags, 1)
     crow = torch.arange(0, (bags + 1) * corners, corners, device=index.device)

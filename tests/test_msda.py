@@ -187,6 +187,12 @@ def test_head_widths_float64(backend, head_dim):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_value_table_smaller_than_a_sparse_tile(backend):
+    # 2 images x (1 x 2) map x 2 heads = 8 value rows, corners repeating rows: where ATen's sampled_addmm coalesces
+    _check_against_reference(backend, [(1, 2)], 4, 4, torch.float64, 1e-12, queries=6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("geometry", ["L1-P4-nonsquare", "L2-P4", "L4-P1"])
 def test_float32_matches_reference(backend, geometry):
     shapes, points = GEOMETRIES[geometry]
