@@ -486,7 +486,7 @@ PUBLISHED: tuple[PublishedRow, ...] = (
     PublishedRow("piip_vt_cs_cb_1024_672_448", None, 231 * G, "§5.3"),
     PublishedRow("piip_vt_vs_cb_1024_672_448", None, 193 * G, "§5.3"),
     # PIIP-LLaVA vision towers (§5.7; FLOPs of the tower only)
-    PublishedRow("piip_baseline_clip_l_336", None, 191 * G, "§5.7, §9.5", None, 191.0 * G),
+    PublishedRow("vit_large_patch14_clip_quickgelu_336", None, 191 * G, "§5.7, §9.5", None, 191.0 * G),
     PublishedRow("piip_llava_clip_bl_512_256", None, 193 * G, "§5.7, §9.5", None, 193.5 * G),
     PublishedRow("piip_llava_clip_bl_512_448", None, 422 * G, "§5.7, §9.5", None, 422.6 * G),
     PublishedRow("piip_llava_convnext_b_clip_l_640_224", None, 191 * G, "§5.7, §9.5", None, 191.3 * G),
@@ -514,7 +514,7 @@ BASELINES: tuple[tuple[str, str], ...] = (
     ("piip_h6b_512_*", "piip_baseline_internvit_6b_512"),
     ("piip_*h6b_*", "piip_baseline_internvit_6b_1024"),
     ("piip_[cv]t_[cv]s_[cv]b_*", "piip_baseline_convnext_b_1024"),
-    ("piip_llava_*", "piip_baseline_clip_l_336"),
+    ("piip_llava_*", "vit_large_patch14_clip_quickgelu_336"),  # LLaVA-1.5's CLIP ViT-L/14 @336 vision tower
 )
 
 
