@@ -4,7 +4,6 @@ integrity checks and the Hub-format export (``convert_checkpoint`` -> ``local-di
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -38,9 +37,8 @@ from piip_models.official import model_kwargs_from_official
 from piip_models.weights import CheckpointMismatchError, checkpoint_filter_fn, unwrap_state_dict
 
 from .conftest import fixtures_dir, require_fixture
-from .test_pretrained import run_offline
+from .test_pretrained import run_offline, seed_hub, torch_bytes
 
-REVISION = "0123456789abcdef0123456789abcdef01234567"
 README = Path(__file__).resolve().parents[1] / "README.md"
 RELEASED = sorted(
     n for n in timm.list_models("piip_*", pretrained=True, include_tags=True)
@@ -157,30 +155,7 @@ def test_released_layout_converts_on_meta(name):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A seeded offline Hub cache in the real layout: blobs named by the Hub's hash, snapshot symlinks, refs/main.
-
-
-def seed_hub(cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(REVISION)
-    for name, data in files.items():
-        lfs = not name.endswith(".json")  # small git files are addressed by their git blob sha1, LFS ones by sha256
-        digest = hashlib.sha256(data) if lfs else hashlib.sha1(b"blob %d\0" % len(data) + data)
-        blob = repo / "blobs" / digest.hexdigest()
-        blob.parent.mkdir(exist_ok=True)
-        blob.write_bytes(data)
-        pointer = repo / "snapshots" / REVISION / name
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        pointer.symlink_to(blob)
-
-
-def torch_bytes(obj) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
+# A seeded offline Hub cache in the real layout (test_pretrained.seed_hub).
 
 
 @pytest.fixture

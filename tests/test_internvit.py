@@ -29,7 +29,7 @@ from piip_models.official import build_from_official
 from piip_models.piip_h6b import h6b_branches, lh6b_branches
 from piip_models.weights import checkpoint_filter_fn
 
-from .test_pretrained import REVISION, run_offline
+from .test_pretrained import run_offline, seed_hub, torch_bytes
 
 H6B_DET = ["piip_h6b_1024_512", "piip_h6b_1024_512_speedup", "piip_h6b_1024_768_dino"]
 H6B_SEG = ["piip_h6b_512_192", "piip_h6b_512_256", "piip_h6b_512_384", "piip_h6b_512_512"]
@@ -444,11 +444,7 @@ def test_pretrained_internvit_branch_from_seeded_offline_cache(tmp_path):
     """``.branches`` loads the official ``intern_vit_6b_224px.pth`` layout through timm's Hub path (offline cache):
     patch-14 kernels resized to 16, the 16x16 (+class) grid resampled to the 14x14 detection grid, no class token."""
     source = {k: torch.randn_like(v) for k, v in _tiny_internvit().state_dict().items()}
-    repo = tmp_path / "hub" / "models--OpenGVLab--InternVL"
-    (repo / "snapshots" / REVISION).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REVISION)
-    torch.save(source, repo / "snapshots" / REVISION / "intern_vit_6b_224px.pth")
+    seed_hub(tmp_path / "hub", "OpenGVLab/InternVL", {"intern_vit_6b_224px.pth": torch_bytes(source)})
     torch.save(source, tmp_path / "source.pt")
 
     out = run_offline(tmp_path / "hub", f"""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import subprocess
 import sys
 import textwrap
@@ -9,19 +11,38 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
+def seed_hub(cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
+    """Writes ``files`` into ``cache`` in the Hub's layout: blobs named by the Hub's hash, snapshot symlinks,
+    refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(REVISION)
+    for name, data in files.items():
+        lfs = not name.endswith(".json")  # small git files are addressed by their git blob sha1, LFS ones by sha256
+        digest = hashlib.sha256(data) if lfs else hashlib.sha1(b"blob %d\0" % len(data) + data)
+        blob = repo / "blobs" / digest.hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        pointer = repo / "snapshots" / REVISION / name
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.symlink_to(blob)
+
+
+def torch_bytes(obj) -> bytes:
+    """``torch.save`` output as bytes."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def seed_hf_cache(cache: Path, repo_id: str, state_dict: dict[str, torch.Tensor]) -> None:
     """Writes ``state_dict`` as the ``model.safetensors`` of ``repo_id`` in the HF cache layout."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / REVISION
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REVISION)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(snapshot / "model.safetensors"))
+    seed_hub(cache, repo_id, {"model.safetensors": save({k: v.contiguous() for k, v in state_dict.items()})})
 
 
 def run_offline(cache: Path, code: str) -> str:
