@@ -65,14 +65,11 @@ def _corners(loc_row, attn_row, lvl, pt, shapes_ptr, s_l, s_p, s_c, a_l, a_p, ro
 
 
 @triton.jit
-def _msda_fwd_kernel(
-    value_ptr, shapes_ptr, loc_ptr, attn_ptr, out_ptr,
-    Q, M, D,
-    v_b, v_s, v_m, v_d,
-    s_b, s_q, s_m, s_l, s_p, s_c,
-    a_b, a_q, a_m, a_l, a_p,
-    L: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr,
+def _program_rows(
+    value_ptr, loc_ptr, attn_ptr, Q, M, D, v_b, v_m, v_d, s_b, s_q, s_m, a_b, a_q, a_m,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """This program's (query, head) rows of image ``b`` and their value / location / attention row pointers."""
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < Q * M
@@ -84,6 +81,21 @@ def _msda_fwd_kernel(
     loc_row = loc_ptr + b * s_b + q * s_q + m * s_m
     attn_row = attn_ptr + b * a_b + q * a_q + m * a_m
     d_off = d[None, :] * v_d
+    return b, rows, row_mask, q, m, d, d_mask, value_row, loc_row, attn_row, d_off
+
+
+@triton.jit
+def _msda_fwd_kernel(
+    value_ptr, shapes_ptr, loc_ptr, attn_ptr, out_ptr,
+    Q, M, D,
+    v_b, v_s, v_m, v_d,
+    s_b, s_q, s_m, s_l, s_p, s_c,
+    a_b, a_q, a_m, a_l, a_p,
+    L: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr,
+):
+    b, rows, row_mask, q, m, d, d_mask, value_row, loc_row, attn_row, d_off = _program_rows(
+        value_ptr, loc_ptr, attn_ptr, Q, M, D, v_b, v_m, v_d, s_b, s_q, s_m, a_b, a_q, a_m, BLOCK_R, BLOCK_D
+    )
     acc = tl.full([BLOCK_R, BLOCK_D], 0.0, dtype=COMPUTE)
     for lvl in tl.static_range(L):
         for pt in tl.static_range(P):
@@ -116,17 +128,9 @@ def _msda_bwd_kernel(
     L: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr,
     VALUE_GRAD: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < Q * M
-    q = rows // M
-    m = rows % M
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d[None, :] < D
-    value_row = value_ptr + b * v_b + m * v_m
-    loc_row = loc_ptr + b * s_b + q * s_q + m * s_m
-    attn_row = attn_ptr + b * a_b + q * a_q + m * a_m
-    d_off = d[None, :] * v_d
+    b, rows, row_mask, q, m, d, d_mask, value_row, loc_row, attn_row, d_off = _program_rows(
+        value_ptr, loc_ptr, attn_ptr, Q, M, D, v_b, v_m, v_d, s_b, s_q, s_m, a_b, a_q, a_m, BLOCK_R, BLOCK_D
+    )
     grad_out = tl.load(
         grad_out_ptr + b * g_b + q[:, None] * g_q + (m[:, None] * D + d[None, :]) * g_c,
         mask=row_mask[:, None] & d_mask, other=0.0,
