@@ -13,6 +13,8 @@ from piip_models import PIIP, BranchCfg, InteractionCfg
 from piip_models.bench import benchmark
 from piip_models.counting import (
     PUBLISHED,
+    BackboneTwin,
+    TowerTwin,
     baseline_of,
     count_flops,
     count_model,
@@ -28,10 +30,7 @@ REFERENCE_TOLERANCE = 2e-4  # the §9 re-derivations carry 4-5 significant digit
 def test_paper_convention_reproduces_published_numbers(row):
     if row.model not in timm.list_models():
         pytest.skip(f"{row.model} ({row.source}) is not registered yet")
-    try:
-        count = count_model(row.model, "paper")
-    except NotImplementedError as exc:
-        pytest.skip(str(exc))
+    count = count_model(row.model, "paper")
     if row.params is not None:
         assert count.params == pytest.approx(row.params, rel=TOLERANCE)
     if row.reference_params is not None:
@@ -39,7 +38,7 @@ def test_paper_convention_reproduces_published_numbers(row):
     if row.reference_flops is not None:
         assert count.flops == pytest.approx(row.reference_flops, rel=REFERENCE_TOLERANCE)
     if row.exception:
-        # documented exception (piip_official.md §8.19): the convention gives the reference value, not the README's
+        # documented exception (the AugReg rows of §8.19, the 13B LLaVA towers): the README's number is not this model's
         assert abs(count.flops / row.flops - 1) > 0.05
     else:
         assert count.flops == pytest.approx(row.flops, rel=TOLERANCE)
@@ -204,7 +203,32 @@ def test_benchmark_measures_each_model_beside_its_baseline(one_thread):
     assert base.baseline is None and base.time_ratio is None
 
 
-def test_paper_convention_refuses_families_it_does_not_reproduce():
-    with pytest.raises(NotImplementedError, match="use convention='full'"):
-        count_model("piip_ct_cs_cb_1024_672_448", "paper")
-    assert count_model("piip_ct_cs_cb_1024_672_448", "full", 256).flops > 0
+def test_backbone_twin_runs_qkv_over_the_padded_windows(monkeypatch):
+    """ConvNeXt/ViT backbones are counted as they run: DeiT-T@1024 (64x64 tokens, window 14) pads to 70x70 before qkv,
+    and only there; the output projection, the merges and the manual terms see the real tokens."""
+    twin = paper_twin("piip_vt_vs_cb_1024_672_448")
+    assert isinstance(twin, BackboneTwin) and twin.backbone.fpn is None
+    as_run = count_flops(twin)
+    monkeypatch.setattr(BackboneTwin, "windows_as_run", False)
+    assert as_run - count_flops(twin) == 12 * (70 * 70 - 64 * 64) * 192 * 3 * 192
+
+
+def test_tower_twin_takes_every_deformable_grid_from_the_first_interaction():
+    """PIIP-LLaVA ConvNeXt-B@1024 + CLIP-L@336: the official count assumes the ConvNeXt's stride-4 grid (256x256) for
+    the ConvNeXt queries of all 12 interactions, which run at strides 4, 8, 16 (x9) and 32 with widths 128 .. 1024."""
+    twin = paper_twin("piip_llava_convnext_b_clip_l_1024_336")
+    assert isinstance(twin, TowerTwin) and isinstance(twin.tower.projector, nn.Identity)
+    as_official = count_flops(twin)
+    twin.attention_layouts = {}
+    strides_and_widths = [(4, 128), (8, 256)] + [(16, 512)] * 9 + [(32, 1024)]
+    extra = sum(5 * 4 * width * (256 * 256 - (1024 // stride) ** 2) for stride, width in strides_and_widths)
+    assert as_official - count_flops(twin) == extra
+
+
+def test_paper_twins_leave_the_given_model_alone():
+    model = timm.create_model("piip_llava_convnext_b_clip_l_640_224", device="meta")
+    twin = paper_twin(model)
+    assert twin.tower is not model and isinstance(model.projector, nn.Module)
+    assert not isinstance(model.projector, nn.Identity)
+    backbone = timm.create_model("piip_ct_cs_cb_1024_672_448", device="meta", features_only=True)
+    assert paper_twin(backbone).backbone.fpn is None  # a pyramid-less rebuild of the named model

@@ -273,11 +273,7 @@ def benchmark(
     rows: dict[str, BenchRow] = {}
     for name in progress(order):
         size = _scaled_size(name, scale)
-        try:
-            count = count_model(name, convention, size)
-        except NotImplementedError as exc:  # a family the paper convention does not cover: say so, go on
-            print(f"skipped {name}: {exc}", file=sys.stderr)
-            continue
+        count = count_model(name, convention, size)
         row = BenchRow(name, convention, size, count.params, count.flops)
         if latency:
             result = measure_in_subprocess(name, size, batch_size, device, warmup, repeats, threads)

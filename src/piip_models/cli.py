@@ -99,18 +99,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
                  + ", ".join(n.partition(".")[2] for n in timm.list_models(name, include_tags=True)))
     dense = isinstance(model, PIIP) and model.head_type == "dense"
     full = count_model(build_model(name) if dense else model, "full")
-    try:
-        paper = count_model(model, "paper")
-    except NotImplementedError:
-        paper = None
+    paper = count_model(model, "paper")
     row = published_row(name)
     module = "module as it runs" + (", with its feature pyramid" if dense else "")
     published = f", published {row.params / 1e6:.0f}M ({row.source})" if row and row.params else ""
-    paper_params = f"{paper.params:,}" if paper else "not implemented"
-    lines.append(f"params: {full.params:,} ({module}) / {paper_params} (paper convention){published}")
+    lines.append(f"params: {full.params:,} ({module}) / {paper.params:,} (paper convention){published}")
     side = "x".join(map(str, full.input_size))
-    paper_flops = f"{paper.flops / 1e9:.2f}" if paper else "not implemented"
-    lines.append(f"GMACs at {side}: {full.flops / 1e9:.2f} (full) / {paper_flops} (paper)"
+    lines.append(f"GMACs at {side}: {full.flops / 1e9:.2f} (full) / {paper.flops / 1e9:.2f} (paper)"
                  + (f", published {row.flops / 1e9:.1f} ({row.source})" if row else ""))
     if row and row.exception:
         lines.append(f"note: {row.exception}")

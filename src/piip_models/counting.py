@@ -7,7 +7,8 @@ official scripts' manual terms), so the README tables can be re-derived:
   module types match exactly (:data:`PAPER_RULES`): ``nn.Linear`` ``numel(input) * out_features`` (no bias term);
   ``nn.Conv2d`` ``k_h * k_w * C_in / groups`` per output element, plus one per output element with a bias;
   ``nn.ConvTranspose2d`` the same on the input grid; LayerNorm/GroupNorm/BatchNorm ``numel`` (twice if affine);
-  ReLU and pooling ``numel``. Everything else counts 0: GELU, softmax, LayerScale, RMSNorm, matmuls, attention
+  ReLU and pooling ``numel``. Everything else counts 0: GELU, softmax, LayerScale, RMSNorm, the LayerNorms of
+  ConvNeXts (the official Hugging Face and timm ConvNeXt norms are not ``nn.LayerNorm``), matmuls, attention
   kernels, ``F.interpolate``, ``grid_sample`` and custom ops;
 * a manual self-attention term per attention layer (:data:`MANUAL_RULES`): ``2 * n**2 * D`` (global) or
   ``2 * n * w**2 * D`` (window ``w``), ``n`` the patch tokens (class tokens and window padding ignored);
@@ -18,7 +19,13 @@ Detection and segmentation numbers were produced with a *classification* re-buil
 :func:`paper_twin`: position embeddings stored at the real grid, no class token, GroupNorm/Linear/GroupNorm merges,
 learnable branch weights, a LayerNorm over all tokens, a token mean and a 1000-way head; the detection merges, the
 feature pyramid and the necks are not part of it. Linear layers are counted on the unpadded tokens (the hook pass
-runs every block globally; the windows only enter the manual term).
+runs every block globally; the windows only enter the manual term). Two families were counted differently:
+
+* the ConvNeXt/ViT detection backbones and the ConvNeXt-B baseline (whose widths change between stages, which the
+  classification merge cannot take) as the backbone itself up to the merges of every tapped stage, on the windows it
+  runs with, so the qkv projections see the zero-padded windows (:class:`BackboneTwin`);
+* the PIIP-LLaVA towers without their projector, with a deformable term that takes every branch's grid at the first
+  interaction for all interactions (:class:`TowerTwin`).
 
 ``full`` counts every multiply-add the real model executes on the real input shape with
 :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention kernels over padded windows,
@@ -45,16 +52,20 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers.attention import Attention
+from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from .kernels import msda_macs
 from .layers.msdeform_attn import MSDeformAttn
 from .piip import PIIP
+from .piip_llava import PIIPLlava
 
 __all__ = [
     "BASELINES",
     "CONVENTIONS",
+    "BackboneTwin",
+    "TowerTwin",
     "MANUAL_RULES",
     "PAPER_RULES",
     "PUBLISHED",
@@ -142,6 +153,7 @@ class AttentionLayout:
 
     window: int = 0  # 0: global
     prefix_tokens: int = 0  # class/register tokens in the sequence, left out of the term
+    queries: int = 0  # deformable queries the term assumes per image; 0: the actual ones
 
 
 def _self_attention(module: nn.Module, inputs: tuple, output: Any, layout: AttentionLayout) -> int:
@@ -153,7 +165,7 @@ def _self_attention(module: nn.Module, inputs: tuple, output: Any, layout: Atten
 
 def _deformable(module: MSDeformAttn, inputs: tuple, output: Any, layout: AttentionLayout) -> int:
     batch, queries, _ = inputs[0].shape
-    return batch * 5 * queries * module.n_points * module.d_model
+    return batch * 5 * (layout.queries or queries) * module.n_points * module.d_model
 
 
 ManualRule = Callable[[nn.Module, tuple, Any, AttentionLayout], int]
@@ -167,7 +179,8 @@ MANUAL_RULES: dict[type[nn.Module], ManualRule] = {
 
 
 def _attention_layouts(model: nn.Module) -> dict[nn.Module, AttentionLayout]:
-    """Window and prefix-token count of every attention layer of the timm ViTs (PIIP branches included) in ``model``."""
+    """Window and prefix-token count of every attention layer of the timm ViTs (PIIP branches included) in ``model``,
+    and the layouts a twin sets itself (``model.attention_layouts``)."""
     layouts: dict[nn.Module, AttentionLayout] = {}
     for module in model.modules():
         if isinstance(module, VisionTransformer):
@@ -175,8 +188,11 @@ def _attention_layouts(model: nn.Module) -> dict[nn.Module, AttentionLayout]:
                 layouts[block.attn] = AttentionLayout(0, module.num_prefix_tokens)
     for piip in _piip_modules(model):
         for branch, windows in zip(piip.branches, piip.windows):
+            if not isinstance(branch, VisionTransformer):
+                continue
             for block, window in zip(branch.blocks, windows):
                 layouts[block.attn] = AttentionLayout(window, branch.num_prefix_tokens)
+    layouts.update(getattr(model, "attention_layouts", {}))
     return layouts
 
 
@@ -197,8 +213,19 @@ def _global_attention(model: nn.Module) -> Iterator[None]:
             piip.set_windows(windows)
 
 
-def _paper_macs(model: nn.Module, x: torch.Tensor) -> int:
-    layouts = _attention_layouts(model)
+def _convnext_norms(model: nn.Module) -> set[nn.Module]:
+    """LayerNorms inside ConvNeXts: the official branches are Hugging Face ConvNeXts (``ConvNextLayerNorm``) or timm
+    ConvNeXts (timm's ``LayerNorm`` subclass), neither in mmcv's type-exact table, so they count 0."""
+    return {
+        norm
+        for convnext in model.modules() if isinstance(convnext, ConvNeXt)
+        for norm in convnext.modules() if isinstance(norm, nn.LayerNorm)
+    }
+
+
+def _hooked_macs(model: nn.Module, x: torch.Tensor, rule_of: Callable[[nn.Module], ModuleRule | None],
+                 global_attention: bool) -> int:
+    """Sum of ``rule_of(module)`` over one forward (no grad); every block global when ``global_attention``."""
     total = 0
 
     def add(count: int) -> None:
@@ -207,22 +234,35 @@ def _paper_macs(model: nn.Module, x: torch.Tensor) -> int:
 
     handles = []
     for module in model.modules():
-        rule = PAPER_RULES.get(type(module))
+        rule = rule_of(module)
         if rule is not None:
             handles.append(module.register_forward_hook(lambda m, i, o, rule=rule: add(rule(m, i, o))))
-        manual = next((rule for kind, rule in MANUAL_RULES.items() if isinstance(module, kind)), None)
-        if manual is not None:
-            layout = layouts.get(module, AttentionLayout())
-            handles.append(
-                module.register_forward_hook(lambda m, i, o, f=manual, lay=layout: add(f(m, i, o, lay)))
-            )
     try:
-        with _global_attention(model), torch.no_grad():
+        with _global_attention(model) if global_attention else contextlib.nullcontext(), torch.no_grad():
             model(x)
     finally:
         for handle in handles:
             handle.remove()
     return total
+
+
+def _paper_macs(model: nn.Module, x: torch.Tensor) -> int:
+    layouts = _attention_layouts(model)
+    uncounted = _convnext_norms(model)
+
+    def module_rule(module: nn.Module) -> ModuleRule | None:
+        return None if module in uncounted else PAPER_RULES.get(type(module))
+
+    def manual_rule(module: nn.Module) -> ModuleRule | None:
+        manual = next((rule for kind, rule in MANUAL_RULES.items() if isinstance(module, kind)), None)
+        return None if manual is None else functools.partial(manual, layout=layouts.get(module, AttentionLayout()))
+
+    if getattr(model, "windows_as_run", False):
+        # The modules see the backbone as it runs (qkv over zero-padded windows); the manual terms are by configuration.
+        return _hooked_macs(model, x, module_rule, global_attention=False) + _hooked_macs(
+            model, x, manual_rule, global_attention=True
+        )
+    return _hooked_macs(model, x, lambda module: module_rule(module) or manual_rule(module), global_attention=True)
 
 
 @register_flop_formula(torch.ops.piip_models.msda)
@@ -310,22 +350,78 @@ def _classification_twin(model: nn.Module) -> nn.Module:
     )
 
 
+class BackboneTwin(nn.Module):
+    """A regular-pyramid detection backbone as the official ``get_flops_det.py`` counts it (``cal_flops=True``): the
+    pyramid up to the branch merges of every tapped stage, without the pyramid levels, on the windows it runs with.
+
+    The ConvNeXt/ViT combinations and the ConvNeXt-B baseline were counted this way: the classification re-build
+    cannot merge branches whose width changes between stages.
+    """
+
+    windows_as_run = True
+
+    def __init__(self, backbone: PIIP) -> None:
+        super().__init__()
+        if backbone.head_type != "dense" or not backbone.tap_stages or backbone.fpn is not None:
+            raise ValueError("BackboneTwin needs a regular-pyramid dense PIIP (merge_stages) built without with_fpn")
+        self.backbone = backbone
+        self.pretrained_cfg = backbone.pretrained_cfg
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.backbone.forward_intermediates(x, intermediates_only=True)
+
+
+def _tower_twin(model: nn.Module) -> nn.Module:
+    if not isinstance(model, PIIPLlava):
+        model = create(_architecture(model))
+    # a fresh tower without the projector: the official count covers the vision tower alone
+    tower = PIIPLlava(
+        model.branch_cfgs, model.interaction_cfg, llm_dim=model.llm_dim, branch_sizes=model.branch_sizes, device="meta"
+    )
+    tower.projector = nn.Identity()
+    twin = TowerTwin(tower)
+    twin.pretrained_cfg = model.pretrained_cfg
+    return twin
+
+
+def _backbone_twin(model: nn.Module) -> nn.Module:
+    backbone = model if isinstance(model, PIIP) and model.fpn is None else create(_architecture(model))
+    return BackboneTwin(backbone)
+
+
+class TowerTwin(nn.Module):
+    """A PIIP-LLaVA vision tower as the official ``get_flops_llava.py`` counts it: the branches and interactions
+    without the projector, and a deformable term that assumes every branch's grid at the first interaction in every
+    interaction (the official mixed CLIP/ConvNeXt model hands the first unit's downsample ratio to all of them).
+
+    Class tokens count in the Linear and LayerNorm hooks but not in the attention term, as everywhere (the CLIP
+    patch embedding has no bias to count).
+    """
+
+    def __init__(self, tower: PIIP) -> None:
+        super().__init__()
+        self.tower = tower
+        first_grids = [(size // stride) ** 2 for size, stride in zip(tower.branch_sizes, tower.stage_strides[0])]
+        # a plain dict, not registered: keys are the tower's own modules
+        self.attention_layouts = {
+            injector.attn: AttentionLayout(queries=first_grids[k])
+            for block in tower.interactions
+            for u, unit in enumerate(block.units)
+            for k, injector in ((u, unit.branch2to1_injector), (u + 1, unit.branch1to2_injector))
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tower.forward_features(x)
+
+
 TwinBuilder = Callable[[nn.Module], nn.Module]
 
 # fnmatch pattern of architecture names -> builder of the paper-convention twin from the registered model (on meta);
-# the first match wins. Families the official scripts counted differently (e.g. LLaVA towers) add their builder here.
-def _not_counted(model: nn.Module) -> nn.Module:
-    raise NotImplementedError(
-        f"the paper convention is not implemented for {_architecture(model)}: the official tools count ConvNeXt "
-        "branches without a manual term and the LLaVA towers with their own class-token rules (reference section 6), "
-        "which piip_models.counting does not reproduce yet; use convention='full'"
-    )
-
-
+# the first match wins.
 TWIN_BUILDERS: list[tuple[str, TwinBuilder]] = [
-    ("piip_[cv]t_[cv]s_[cv]b_*", _not_counted),
-    ("piip_baseline_convnext_*", _not_counted),
-    ("piip_llava_*", _not_counted),
+    ("piip_[cv]t_[cv]s_[cv]b_*", _backbone_twin),
+    ("piip_baseline_convnext_*", _backbone_twin),
+    ("piip_llava_*", _tower_twin),
     ("*", _classification_twin),
 ]
 
@@ -442,6 +538,11 @@ _AUGREG_EXCEPTION = (
     "that reproduces every other number (their w/o - w/ difference is); treated as an older setting"
 )
 
+_LLAVA_13B_EXCEPTION = (
+    "the README gives the 13B tower the 7B tower's FLOPs, but its ConvNeXt interacts 24 times instead of 12 "
+    "(piip_official.md §1.6), so the same convention cannot give both; the count here is the 24-interaction tower's"
+)
+
 PUBLISHED: tuple[PublishedRow, ...] = (
     # ImageNet-1k (§5.6, §9.2, §9.3)
     PublishedRow("piip_tsb", 144 * M, 17.4 * G, "§5.6, §9.2", 144_031_416, 17_427_523_392),
@@ -492,6 +593,12 @@ PUBLISHED: tuple[PublishedRow, ...] = (
     PublishedRow("piip_llava_convnext_b_clip_l_640_224", None, 191 * G, "§5.7, §9.5", None, 191.3 * G),
     PublishedRow("piip_llava_convnext_b_clip_l_1024_336", None, 598 * G, "§5.7, §9.5", None, 598.2 * G),
     PublishedRow("piip_llava_convnext_l_clip_l_1024_336", None, 1037 * G, "§5.7, §9.5", None, 1037.7 * G),
+    PublishedRow(
+        "piip_llava_convnext_b_clip_l_1024_336_13b", None, 598 * G, "§5.7, §1.6", exception=_LLAVA_13B_EXCEPTION
+    ),
+    PublishedRow(
+        "piip_llava_convnext_l_clip_l_1024_336_13b", None, 1037 * G, "§5.7, §1.6", exception=_LLAVA_13B_EXCEPTION
+    ),
 )
 
 

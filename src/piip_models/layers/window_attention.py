@@ -172,9 +172,10 @@ def windowed_attention(
     q, k = attn.q_norm(q), attn.k_norm(k)
     mask = None if bias is None else bias.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    out = attn.proj_drop(attn.proj(attn.norm(out.transpose(1, 2).reshape(out.shape[0], -1, heads * head_dim))))
-    out = _unpartition(out, window, batch, (padded_h, padded_w), grid)
-    return out.reshape(batch, grid[0] * grid[1], -1)
+    out = _unpartition(out.transpose(1, 2).reshape(out.shape[0], -1, heads * head_dim), window, batch,
+                       (padded_h, padded_w), grid)
+    # the output projection sees only the real tokens, as in the official windowed attention
+    return attn.proj_drop(attn.proj(attn.norm(out.reshape(batch, grid[0] * grid[1], -1))))
 
 
 def block_forward(
