@@ -232,3 +232,16 @@ def test_paper_twins_leave_the_given_model_alone():
     assert not isinstance(model.projector, nn.Identity)
     backbone = timm.create_model("piip_ct_cs_cb_1024_672_448", device="meta", features_only=True)
     assert paper_twin(backbone).backbone.fpn is None  # a pyramid-less rebuild of the named model
+
+
+def test_relative_position_windows_are_counted_as_they_run():
+    """BEiT layers exist on one 28x28 window only, so the paper pass keeps their windows: qkv, proj and the attention
+    term see the zero-padded windows (L@672: 42x42 -> 56x56 tokens, B@1120: 70x70 -> 84x84). Everything else equals
+    the MAE pyramid of the same shapes, whose windows the pass runs globally."""
+    beit = count_model("piip_sbl_1568_1120_672_beitv2", "paper").flops
+    mae = count_model("piip_sbl_1568_1120_672_mae", "paper").flops
+    padding = sum(
+        depth * (padded**2 - side**2) * (4 * dim * dim + 2 * 28 * 28 * dim)
+        for depth, dim, side, padded in ((24, 1024, 42, 56), (12, 768, 70, 84))
+    )
+    assert beit - mae == padding

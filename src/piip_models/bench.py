@@ -330,7 +330,7 @@ def published_table(rows: Sequence[BenchRow], progress: Callable[[Iterable], Ite
             row = BenchRow(row.model, "paper", native, count.params, count.flops)
         ref = published_row(row.model)
         params = "-" if ref.params is None else f"{ref.params / 1e6:.0f}"
-        note = " (§8.19 exception)" if ref.exception else ""
+        note = " (documented exception)" if ref.exception else ""
         lines.append(
             f"| {row.model} | {native} | {row.params / 1e6:.2f} | {params} | {row.flops / 1e9:.2f} "
             f"| {ref.flops / 1e9:.1f}{note} | {ref.source} |"

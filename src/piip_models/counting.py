@@ -58,6 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from .kernels import msda_macs
 from .layers.msdeform_attn import MSDeformAttn
+from .layers.window_attention import WindowRelPosAttention
 from .piip import PIIP
 from .piip_llava import PIIPLlava
 
@@ -200,13 +201,29 @@ def _piip_modules(model: nn.Module) -> list[PIIP]:
     return [m for m in model.modules() if isinstance(m, PIIP)]
 
 
+def _global_windows(piip: PIIP) -> tuple[tuple[int, ...], ...]:
+    """Global attention for every unit whose attention is defined globally (relative-position windows keep theirs)."""
+    return tuple(
+        tuple(
+            window if isinstance(branch, VisionTransformer) and isinstance(branch.blocks[unit].attn,
+                                                                           WindowRelPosAttention) else 0
+            for unit, window in enumerate(windows)
+        )
+        for branch, windows in zip(piip.branches, piip.windows)
+    )
+
+
 @contextlib.contextmanager
 def _global_attention(model: nn.Module) -> Iterator[None]:
-    """Runs every PIIP block with global attention, so Linear layers see the unpadded tokens; restores the windows."""
+    """Runs every PIIP block with global attention, so Linear layers see the unpadded tokens; restores the windows.
+
+    Relative-position (BEiT) windows, which exist on one window only, keep them: their layers are counted as they run,
+    padding included (no official count exists for that family).
+    """
     saved = [(piip, piip.windows) for piip in _piip_modules(model)]
     try:
-        for piip, windows in saved:
-            piip.set_windows(tuple((0,) * len(branch) for branch in windows))
+        for piip, _ in saved:
+            piip.set_windows(_global_windows(piip))
         yield
     finally:
         for piip, windows in saved:

@@ -100,13 +100,17 @@ class WindowRelPosAttention(Attention):
             return None
         return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
 
-    def position_bias(self, window: int) -> torch.Tensor:
-        """``(num_heads, window^2, window^2)`` attention bias of one window."""
+    def check_window(self, window: int) -> None:
+        """Raises unless ``window`` is the window the relative position bias covers."""
         if window != self.window_size:
             raise ValueError(
                 f"this attention's relative position bias covers {self.window_size}x{self.window_size} windows, "
                 f"got window {window}"
             )
+
+    def position_bias(self, window: int) -> torch.Tensor:
+        """``(num_heads, window^2, window^2)`` attention bias of one window."""
+        self.check_window(window)
         tokens = window * window
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(tokens, tokens, -1).permute(2, 0, 1)
@@ -156,10 +160,21 @@ def windowed_attention(
     heads, head_dim = attn.num_heads, attn.head_dim
     tokens = x.view(batch, grid[0], grid[1], channels)
     rel_pos = isinstance(attn, WindowRelPosAttention)
+    if rel_pos and grid != (window, window):
+        # The module defines attention on one window: call it per window, so that it runs (and hooks see it) as
+        # a module.
+        attn.check_window(window)
+        if padding != "before_qkv":
+            raise ValueError("relative-position windows pad before the qkv projection, as the official BEiT does")
+        windows, padded_h, padded_w = _partition(tokens, window)
+        out = _unpartition(attn(windows), window, batch, (padded_h, padded_w), grid)
+        return out.reshape(batch, grid[0] * grid[1], -1)
     bias = attn.position_bias(window) if rel_pos else None
 
     def project(t: torch.Tensor) -> torch.Tensor:
-        return F.linear(t, attn.qkv.weight, attn.qkv_bias()) if rel_pos else attn.qkv(t)
+        qkv = attn.qkv(t)
+        qkv_bias = attn.qkv_bias() if rel_pos else None
+        return qkv if qkv_bias is None else qkv + qkv_bias
 
     if padding == "before_qkv":
         windows, padded_h, padded_w = _partition(tokens, window)
