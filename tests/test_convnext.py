@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import re
+import logging
 
 import pytest
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
 from timm.layers import DropPath
 
 from piip_models import PIIP, BranchCfg, InteractionCfg, even_segments
 from piip_models.branches import ConvNeXtAdapter, convnext_units
+from piip_models.hub import OFFICIAL_REPO
 from piip_models.official import build_from_official
 from piip_models.weights import checkpoint_filter_fn
 
 from .test_dense import _forward_backward
-from .test_pretrained import run_offline, seed_hf_cache
+from .test_hub import official_state_dict, wrap_official
+from .test_pretrained import run_offline, seed_hf_cache, seed_hub, torch_bytes
 
 COMBOS = [
     "piip_ct_cs_cb_1024_672_448", "piip_ct_vs_vb_1024_672_448", "piip_ct_cs_vb_1024_672_448",
@@ -198,47 +201,44 @@ def test_convnext_branch_loads_from_seeded_offline_cache(tmp_path):
     assert out.startswith("ok")
 
 
-def _official_name(key: str) -> str:
-    """piip-models name -> official name (PIIPThreeBranch with Hugging Face ConvNeXt branches, reference §7.2)."""
-    rules = [
-        (r"^branches\.(\d+)\.", lambda m: f"branch{int(m.group(1)) + 1}."),
-        (r"\.stem\.0\.", lambda m: ".convnext_model.embeddings.patch_embeddings."),
-        (r"\.stem\.1\.", lambda m: ".convnext_model.embeddings.layernorm."),
-        (r"\.stages\.(\d+)\.downsample\.", r".convnext_model.encoder.stages.\1.downsampling_layer."),
-        (r"\.stages\.(\d+)\.blocks\.(\d+)\.", r".convnext_model.encoder.stages.\1.layers.\2."),
-        (r"(layers\.\d+)\.conv_dw\.", lambda m: f"{m.group(1)}.dwconv."),
-        (r"(layers\.\d+)\.norm\.", lambda m: f"{m.group(1)}.layernorm."),
-        (r"(layers\.\d+)\.mlp\.fc([12])\.", lambda m: f"{m.group(1)}.pwconv{m.group(2)}."),
-        (r"(layers\.\d+)\.gamma$", lambda m: f"{m.group(1)}.layer_scale_parameter"),
-        (r"\.ls([12])\.gamma$", lambda m: f".gamma_{m.group(1)}"),
-        (r"^interactions\.(\d+)\.units\.(\d+)\.",
-         lambda m: f"interactions.{m.group(1)}.interaction_units_{int(m.group(2)) + 1}{int(m.group(2)) + 2}."),
-        (r"\.ffn\.dwconv\.", lambda m: ".ffn.dwconv.dwconv."),
-        (r"^merges\.(\d+)\.", lambda m: f"merge_branch{int(m.group(1)) + 1}."),
-        (r"^stage_merges\.(\d+)\.(\d+)\.", lambda m: f"intermediate_merging_{m.group(1)}_branch{int(m.group(2)) + 1}."),
-        (r"^fpn\.p(\d)\.", lambda m: f"fpn{int(m.group(1)) - 1}."),
-    ]
-    for pattern, repl in rules:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def test_official_regular_fpn_convnext_checkpoint_converts():
+def test_official_regular_fpn_convnext_checkpoint_converts(caplog):
     model = tiny_mixed(with_fpn=True, fpn_levels=(1, 2, 3))
     ours = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
-    official = {}
-    for key, value in ours.items():
-        if key == "branch_weights" or key.startswith("stage_branch_weights."):
-            prefix = "" if key == "branch_weights" else f"intermediate_merging_{key.split('.')[1]}_"
-            official.update({f"{prefix}w{k + 1}": w for k, w in enumerate(value)})
-        else:
-            official[_official_name(key)] = value
-    official["branch1.convnext_model.layernorm.weight"] = torch.ones(128)  # unused final norm of HF ConvNeXt
+    official = official_state_dict(model, ours)  # Hugging Face ConvNeXt branches, regular-FPN merges (reference §7.2)
     assert "branch3.convnext_model.encoder.stages.1.layers.0.pwconv2.weight" in official
     assert "intermediate_merging_1_branch2.0.weight" in official and "intermediate_merging_0_w3" in official
-    converted = checkpoint_filter_fn({"module": {f"backbone.{k}": v for k, v in official.items()}}, model)
+    assert "branch1.convnext_model.layernorm.weight" in official  # the unused final norm of HF ConvNeXt
+    with caplog.at_level(logging.INFO, logger="piip_models.weights"):
+        converted = checkpoint_filter_fn({"module": {f"backbone.{k}": v for k, v in official.items()}}, model)
     assert converted.keys() == ours.keys()
     assert all(torch.equal(converted[k], v) for k, v in ours.items())
+    assert "dropped 4 official tensors no PIIP module reads: ['branch1.convnext_model.layernorm.bias'" in caplog.text
+
+
+def test_convnext_tag_loads_the_official_checkpoint_from_offline_cache(tmp_path, monkeypatch, caplog):
+    """The released PIIP-CT-CS-CB file's layout (mmdet wrapper, heads, HF ConvNeXt branches, regular-FPN merges)
+    through ``pretrained=True`` on a seeded offline cache, for a small model of the same structure."""
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    tag = "piip_ct_cs_cb_1024_672_448.coco_mask_rcnn"
+    kwargs = dict(branches=(tiny_convnext(48), tiny_convnext(64), tiny_convnext(96)),
+                  interaction=InteractionCfg(num_heads=8), merge_stages=(0, 1), fpn_levels=(1, 2, 3))
+    source = timm.create_model(tag, with_fpn=True, **kwargs).eval()
+    with torch.no_grad():
+        for param in source.parameters():
+            param.normal_(std=0.2)  # open gates, trained-looking merges
+    official = wrap_official(official_state_dict(source), detection=True)
+    seed_hub(tmp_path, OFFICIAL_REPO, {timm.get_pretrained_cfg(tag).hf_hub_filename: torch_bytes(official)})
+
+    with caplog.at_level(logging.INFO, logger="piip_models"):
+        backbone = timm.create_model(tag, pretrained=True, cache_dir=tmp_path, features_only=True, **kwargs).eval()
+    loaded, expected = backbone.model.state_dict(), source.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], v) for k, v in expected.items())
+    assert "dropped 3 tensors: neck (1), roi_head (1), rpn_head (1)" in caplog.text
+    assert "dropped 6 official tensors no PIIP module reads" in caplog.text  # the HF ConvNeXts' final norms
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        for ours, theirs in zip(backbone(x), source.forward_intermediates(x, intermediates_only=True)):
+            torch.testing.assert_close(ours, theirs)
 
 
 def test_official_config_translates_to_the_registered_model():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from timm.models.convnext import ConvNeXt
 
 from piip_models import BranchCfg, cli, even_segments
 from piip_models.hub import (
@@ -59,39 +60,73 @@ def key_prefix(single: bool, k: int) -> str:
     return "" if single else f"branch{k + 1}."
 
 
-def official_layout(model) -> dict[str, tuple[int, ...]]:
-    """Official key -> shape of the checkpoint an official module equal to ``model`` would save."""
+# Our timm ConvNeXt names -> the Hugging Face ConvNeXt names of the official detection branches
+HF_CONVNEXT_RULES = (
+    (r"^stem\.0\.", "convnext_model.embeddings.patch_embeddings."),
+    (r"^stem\.1\.", "convnext_model.embeddings.layernorm."),
+    (r"^stages\.(\d+)\.downsample\.", r"convnext_model.encoder.stages.\1.downsampling_layer."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"convnext_model.encoder.stages.\1.layers.\2."),
+    (r"\.conv_dw\.", ".dwconv."),
+    (r"(layers\.\d+)\.norm\.", r"\1.layernorm."),
+    (r"\.mlp\.fc([12])\.", r".pwconv\1."),
+    (r"\.gamma$", ".layer_scale_parameter"),
+)
+
+
+def official_state_dict(model, state_dict=None) -> dict[str, torch.Tensor]:
+    """The checkpoint an official module equal to ``model`` would save, from ``state_dict`` (default: the model's
+    own tensors; meta tensors on a meta model)."""
     single = len(model.branches) == 1
-    layout: dict[str, tuple[int, ...]] = {}
-    for key, tensor in model.state_dict().items():
-        shape = tuple(tensor.shape)
-        if key == "branch_weights":
-            layout.update({f"w{k + 1}": () for k in range(shape[0])})
+    official: dict[str, torch.Tensor] = {}
+    for key, tensor in (model.state_dict() if state_dict is None else state_dict).items():
+        if key == "branch_weights" or key.startswith("stage_branch_weights."):
+            prefix = "" if key == "branch_weights" else f"intermediate_merging_{key.split('.')[1]}_"
+            official.update({f"{prefix}w{k + 1}": w for k, w in enumerate(tensor)})
             continue
         match = re.fullmatch(r"branches\.(\d+)\.(.*)", key)
         if match:
             k, rest = int(match[1]), match[2]
             branch = model.branches[k]
-            beit = hasattr(branch.blocks[0].attn, "relative_position_bias_table")
-            if branch.no_embed_class or beit:  # DeiT-type `vit_models` and BEiT: LayerScale named gamma_1/2
-                rest = re.sub(r"ls([12])\.gamma$", r"gamma_\1", rest)
-            elif rest == "pos_embed" and branch.num_prefix_tokens == 0:  # InternViT-type: always a class slot
-                shape = (1, shape[1] + 1, shape[2])
-            if beit and rest.endswith("attn.relative_position_bias_table"):  # BEiT also saves its index buffer
-                window = (math.isqrt(shape[0]) + 1) // 2
-                layout[key_prefix(single, k) + rest.replace("bias_table", "index")] = (window**2, window**2)
+            if isinstance(branch, ConvNeXt):
+                for pattern, repl in HF_CONVNEXT_RULES:
+                    rest = re.sub(pattern, repl, rest)
+            else:
+                beit = hasattr(branch.blocks[0].attn, "relative_position_bias_table")
+                if branch.no_embed_class or beit:  # DeiT-type `vit_models` and BEiT: LayerScale named gamma_1/2
+                    rest = re.sub(r"ls([12])\.gamma$", r"gamma_\1", rest)
+                elif rest == "pos_embed" and branch.num_prefix_tokens == 0:  # InternViT-type: always a class slot
+                    tensor = torch.cat([tensor.new_zeros(1, 1, tensor.shape[2]), tensor], dim=1)
+                if beit and rest.endswith("attn.relative_position_bias_table"):  # BEiT also saves its index buffer
+                    window = (math.isqrt(tensor.shape[0]) + 1) // 2
+                    index = key_prefix(single, k) + rest.replace("bias_table", "index")
+                    official[index] = torch.zeros(window**2, window**2, dtype=torch.long, device=tensor.device)
             key = key_prefix(single, k) + rest
         key = re.sub(r"^interactions\.(\d+)\.units\.(\d+)\.",
                      lambda m: f"interactions.{m[1]}.interaction_units_{int(m[2]) + 1}{int(m[2]) + 2}.", key)
         key = key.replace(".ffn.dwconv.", ".ffn.dwconv.dwconv.")
         key = re.sub(r"^merges\.(\d+)\.", lambda m: f"merge_branch{int(m[1]) + 1}.", key)
+        key = re.sub(r"^stage_merges\.(\d+)\.(\d+)\.",
+                     lambda m: f"intermediate_merging_{m[1]}_branch{int(m[2]) + 1}.", key)
         key = re.sub(r"^fpn\.p(\d)\.", lambda m: f"{'up' if single else 'fpn'}{int(m[1]) - 1}.", key)
-        layout[key] = shape
+        official[key] = tensor
+    like = next(iter(official.values()))
+    for k, branch in enumerate(model.branches):
+        if isinstance(branch, ConvNeXt):  # the Hugging Face ConvNeXt's final (pooling) norm, unused by PIIP
+            official.update({f"{key_prefix(single, k)}convnext_model.layernorm.{p}": like.new_zeros(
+                branch.num_features) for p in ("weight", "bias")})
     if model.fpn is not None and "p2" not in model.fpn and len(model.branches) == 3:  # 3-branch DINO: unused fpn1
         dim = model.embed_dims[0]
-        layout.update({"fpn1.0.weight": (dim, dim, 2, 2), "fpn1.0.bias": (dim,), "fpn1.1.weight": (dim,),
-                       "fpn1.1.bias": (dim,), "fpn1.3.weight": (dim, dim, 2, 2), "fpn1.3.bias": (dim,)})
-    return layout
+        official.update({
+            name: like.new_zeros(shape) for name, shape in (
+                ("fpn1.0.weight", (dim, dim, 2, 2)), ("fpn1.0.bias", (dim,)), ("fpn1.1.weight", (dim,)),
+                ("fpn1.1.bias", (dim,)), ("fpn1.3.weight", (dim, dim, 2, 2)), ("fpn1.3.bias", (dim,)))
+        })
+    return official
+
+
+def official_layout(model) -> dict[str, tuple[int, ...]]:
+    """Official key -> shape of the checkpoint an official module equal to ``model`` would save."""
+    return {k: tuple(v.shape) for k, v in official_state_dict(model).items()}
 
 
 def wrap_official(state_dict: dict[str, torch.Tensor], detection: bool) -> dict:
@@ -127,7 +162,7 @@ def test_key_rules_reproduce_the_released_key_lists(keys_file, name):
 
 def test_every_released_tag_points_at_a_released_file():
     # the full tag (checkpoint) first, the timm-branch initialisation kept as `.branches`
-    assert len(RELEASED) >= 29
+    assert len(RELEASED) == 31
     readme = README.read_text()
     for name in RELEASED:
         cfg = timm.get_pretrained_cfg(name)

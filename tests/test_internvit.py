@@ -357,11 +357,16 @@ def test_baseline_parameter_count():
 
 
 def test_segmentation_baseline_is_the_512_encoder_with_fused_mlps():
-    model = timm.create_model("piip_baseline_internvit_6b_512", device="meta")
+    model = timm.create_model("piip_baseline_internvit_6b_512", device="meta", with_fpn=True)
     branch = model.branches[0]
     assert model.branch_sizes == (512,) and branch.pos_embed.shape == (1, 32 * 32, D6B)
     assert type(branch.blocks[0].mlp.act) is GELUTanh
     assert model.pretrained_cfg["mean"] == IMAGENET_DEFAULT_MEAN
+    # the mmseg InternViT6B's simple pyramid (use_simple_fpn=True): all four levels from the last block, the
+    # stride-4 level with the channels-first LayerNorm of the detection baseline
+    detection = timm.create_model("piip_baseline_internvit_6b_1024", device="meta", with_fpn=True)
+    assert [type(m) for m in model.fpn.p2] == [type(m) for m in detection.fpn.p2]
+    assert model.segments == detection.segments and model.tap_stages == ()
 
 
 def _readme_params(branches: tuple[BranchCfg, ...], interaction: InteractionCfg, slots: int) -> float:
@@ -398,7 +403,7 @@ def test_registry_and_tags():
     assert sorted(names) == sorted(ALL_6B)
     # the released checkpoint is the default tag where one exists (tests/test_hub.py), the branch init stays available
     assert all(f"{n}.branches" in timm.list_models(n, include_tags=True) for n in names)
-    without_release = set(LH6B) | {"piip_baseline_internvit_6b_512"}  # its file's backbone taps other blocks
+    without_release = set(LH6B)
     assert {n for n in names if timm.get_pretrained_cfg(n).tag == "branches"} == without_release
     internvit = timm.get_pretrained_cfg("internvit_6b_patch14_224.internvl")
     assert (internvit.hf_hub_id, internvit.hf_hub_filename) == ("OpenGVLab/InternVL", "intern_vit_6b_224px.pth")

@@ -33,7 +33,8 @@ CONVNEXT_BACKBONES = [
     "piip_vt_vs_cb_1024_672_448", "piip_baseline_convnext_b_1024",
 ]
 LLAVA_TOWERS = [
-    "piip_llava_clip_bl_512_256", "piip_llava_clip_bl_512_448", "piip_llava_convnext_b_clip_l_640_224",
+    "piip_llava_clip_bl_512_256", "piip_llava_clip_bl_512_448", "piip_llava_clip_bl_512_448_13b",
+    "piip_llava_convnext_b_clip_l_640_224",
     "piip_llava_convnext_b_clip_l_1024_336", "piip_llava_convnext_b_clip_l_1024_336_13b",
     "piip_llava_convnext_l_clip_l_1024_336", "piip_llava_convnext_l_clip_l_1024_336_13b",
 ]

@@ -2,9 +2,11 @@
 
 * :func:`fetch_checkpoint` downloads a released file (a ``.safetensors`` sibling first, when the repo has one) and
   checks it against the Hub's content hash; with ``HF_HUB_OFFLINE=1`` and no cached copy it fails at once, naming the
-  repo and file to fetch.
+  repo and file to fetch. For a sharded checkpoint (a transformers ``*.index.json``, as the PIIP-LLaVA repos hold) it
+  fetches only the shards holding tensors PIIP loads (a LLaVA model's vision tower and projector).
 * :func:`read_checkpoint` reads safetensors, or pickles with ``torch.load(weights_only=True)``: tensors, containers
-  and a few metadata types only; a pickle that needs anything else (code) is refused, never executed.
+  and a few metadata types only; a pickle that needs anything else (code) is refused, never executed. An index file
+  reads the tensors PIIP loads from its shards.
 * :func:`convert_checkpoint` turns an official checkpoint into ``model.safetensors`` + timm ``config.json``, which
   ``timm.create_model("local-dir:PATH")`` and ``timm.create_model("hf-hub:ORG/REPO")`` load after
   ``import piip_models``; :func:`add_convert_command` registers it as an argparse ``convert`` subcommand.
@@ -18,8 +20,10 @@ import json
 import logging
 import os
 import pickle
+import posixpath
 import re
 import zipfile
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +38,14 @@ from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 from timm.models import PretrainedCfg
 from timm.models._hub import save_config_for_hf
 
-from .weights import checkpoint_filter_fn, convert_official_state_dict, is_official_layout, unwrap_state_dict
+from .weights import (
+    checkpoint_filter_fn,
+    convert_official_state_dict,
+    is_official_layout,
+    keys_to_load,
+    report_dropped,
+    unwrap_state_dict,
+)
 
 if TYPE_CHECKING:
     from .piip import PIIP
@@ -59,6 +70,10 @@ _logger = logging.getLogger(__name__)
 
 OFFICIAL_REPO = "OpenGVLab/PIIP"
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+# transformers' sharded checkpoints: the safetensors index first, the pickle index of older uploads second
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_PICKLE_INDEX = "pytorch_model.bin.index.json"
+_INDEX_SUFFIX = ".index.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
 _HASH_CHUNK = 1 << 24
@@ -73,9 +88,10 @@ class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint needs code (pickle globals outside the weights-only allowlist) to be read."""
 
 
-def official_checkpoint(path: str) -> dict[str, str]:
-    """``pretrained_cfg`` entries for a file of the official ``OpenGVLab/PIIP`` repo (``classification/x.pth``)."""
-    return dict(hf_hub_id=OFFICIAL_REPO, hf_hub_filename=path)
+def official_checkpoint(path: str, repo_id: str = OFFICIAL_REPO) -> dict[str, str]:
+    """``pretrained_cfg`` entries for a released file: ``classification/x.pth`` of ``OpenGVLab/PIIP``, or a sharded
+    model's index (``model.safetensors.index.json``) in its own repo."""
+    return dict(hf_hub_id=repo_id, hf_hub_filename=path)
 
 
 def _metadata_globals() -> list[Any]:
@@ -126,13 +142,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ``torch.load(weights_only=True)`` (memory-mapped for zip checkpoints), which rebuilds only tensors, containers,
     primitive values, ``argparse.Namespace`` and numpy scalars.
 
+    A transformers index (``*.index.json``) is read as the checkpoint of its shards (which lie beside it):
+    only the tensors :func:`piip_models.weights.keys_to_load` selects are read, so a LLaVA model's language model
+    is never loaded.
+
     Raises:
         UnsafeCheckpointError: The pickle needs other globals (code); it is refused, not run.
-        CheckpointError: The file is truncated, corrupt or holds no mapping of tensors.
+        CheckpointError: The file is truncated, corrupt or holds no mapping of tensors; an index names a missing
+            shard or a tensor its shard lacks.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.name.endswith(_INDEX_SUFFIX):
+        return _read_sharded(path)
     if path.suffix == ".safetensors":
         check_safetensors(path)
         return safetensors.torch.load_file(path, device="cpu")
@@ -156,6 +179,43 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
     return dict(checkpoint)
+
+
+def _shards_to_read(index: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """From a transformers index (``{"weight_map": {key: shard}}``): shard file -> the keys to load from it, and the
+    keys left out (a LLaVA model's language model)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        keys = keys_to_load(weight_map)
+        shards = defaultdict(list)
+        for key in keys:
+            shards[weight_map[key]].append(key)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a sharded-checkpoint index (no weight_map of key -> shard: {e})") from e
+    return dict(shards), sorted(set(weight_map) - set(keys))
+
+
+def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    shards, left_out = _shards_to_read(index)
+    report_dropped(f"read the vision tower and projector of the LLaVA checkpoint {index.name}", left_out)
+    state_dict = {}
+    for shard, keys in sorted(shards.items()):
+        path = index.parent / shard
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: {index.name} puts {len(keys)} tensors to load there")
+        if path.suffix == ".safetensors":
+            check_safetensors(path)
+            with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+                missing = sorted(set(keys) - set(f.keys()))
+                if not missing:
+                    state_dict.update({k: f.get_tensor(k) for k in keys})  # only these are read from the file
+        else:
+            tensors = read_checkpoint(path)
+            missing = sorted(set(keys) - set(tensors))
+            state_dict.update({k: tensors[k] for k in keys if k in tensors})
+        if missing:
+            raise CheckpointError(f"{path} lacks {len(missing)} tensors {index.name} puts there, e.g. {missing[0]}")
+    return state_dict
 
 
 def verify_cached_file(path: str | os.PathLike) -> bool:
@@ -201,6 +261,27 @@ def _download(
     return Path(path)
 
 
+def _candidates(filename: str) -> tuple[str, ...]:
+    """Files to try for ``filename``, safetensors first: a ``.safetensors`` sibling of a pickle, the pickle index of
+    a safetensors index (older transformers uploads)."""
+    stem, suffix = os.path.splitext(filename)
+    if suffix in _PICKLE_SUFFIXES:
+        return stem + ".safetensors", filename
+    if posixpath.basename(filename) == _SAFETENSORS_INDEX:
+        return filename, filename[: -len(_SAFETENSORS_INDEX)] + _PICKLE_INDEX
+    return (filename,)
+
+
+def _not_cached(repo_id: str, filename: str, cache_dir: str | os.PathLike | None, what: str = "") -> CheckpointError:
+    cache = cache_dir or hf_constants.HF_HUB_CACHE
+    why = "HF_HUB_OFFLINE=1" if hf_constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+    return CheckpointError(
+        f"{repo_id}/{filename}{what} is not in the Hugging Face cache ({cache}) and {why}. Fetch it on a connected "
+        f"machine with `hf download {repo_id} {filename}` into that cache (HF_HUB_CACHE), or pass the local "
+        f"file: pretrained_cfg_overlay=dict(file='.../{os.path.basename(filename)}')"
+    )
+
+
 def fetch_checkpoint(
     repo_id: str,
     filename: str,
@@ -211,7 +292,8 @@ def fetch_checkpoint(
     """Downloads (or finds in the cache) a Hub file and verifies it against the Hub's hash.
 
     For ``.pth``/``.pt``/``.bin`` files a ``.safetensors`` file of the same name is preferred when the repo (or the
-    cache, offline) has one.
+    cache, offline) has one. A ``model.safetensors.index.json`` falls back to ``pytorch_model.bin.index.json``;
+    for an index the shards holding tensors PIIP loads are fetched (and verified) too, the others are not.
 
     Args:
         repo_id: Hub repository, ``OpenGVLab/PIIP`` for the released checkpoints.
@@ -220,31 +302,36 @@ def fetch_checkpoint(
         cache_dir: Hugging Face cache folder (default: ``HF_HUB_CACHE``).
 
     Returns:
-        The local path of the verified file.
+        The local path of the verified file (of the index for a sharded checkpoint).
 
     Raises:
         CheckpointError: Offline (``HF_HUB_OFFLINE=1`` or no connection) without a cached copy, naming the file to
             fetch; or a corrupt download.
     """
     local_only = False
-    stem, suffix = os.path.splitext(filename)
-    if suffix in _PICKLE_SUFFIXES:
+    *preferred, last = _candidates(filename)
+    path = None
+    for candidate in preferred:
         try:
-            return _download(repo_id, stem + ".safetensors", revision, cache_dir, local_only)
+            path = _download(repo_id, candidate, revision, cache_dir, local_only)
+            break
         except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError)
-            local_only = True  # the Hub is unreachable: only the cache can serve the pickle
+            local_only = True  # the Hub is unreachable: only the cache can serve the alternative
         except EntryNotFoundError:
-            pass  # the repo has no safetensors version
+            pass  # the repo has no file of the preferred format
     try:
-        return _download(repo_id, filename, revision, cache_dir, local_only)
+        path = path or _download(repo_id, last, revision, cache_dir, local_only)
     except LocalEntryNotFoundError as e:
-        cache = cache_dir or hf_constants.HF_HUB_CACHE
-        why = "HF_HUB_OFFLINE=1" if hf_constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-        raise CheckpointError(
-            f"{repo_id}/{filename} is not in the Hugging Face cache ({cache}) and {why}. Fetch it on a connected "
-            f"machine with `hf download {repo_id} {filename}` into that cache (HF_HUB_CACHE), or pass the local "
-            f"file: pretrained_cfg_overlay=dict(file='.../{os.path.basename(filename)}')"
-        ) from e
+        raise _not_cached(repo_id, filename, cache_dir) from e
+    if path.name.endswith(_INDEX_SUFFIX):
+        folder = posixpath.dirname(filename)
+        for shard in sorted(_shards_to_read(path)[0]):
+            shard = posixpath.join(folder, shard)
+            try:
+                _download(repo_id, shard, revision, cache_dir, local_only)
+            except LocalEntryNotFoundError as e:
+                raise _not_cached(repo_id, shard, cache_dir, f" (a shard of {path.name})") from e
+    return path
 
 
 def prepare_pretrained_cfg(cfg: PretrainedCfg, cache_dir: str | os.PathLike | None = None) -> PretrainedCfg:
@@ -290,11 +377,12 @@ def load_checkpoint(model: PIIP, path: str | os.PathLike, strict: bool = True) -
 
 
 def _registered_checkpoints() -> dict[str, str]:
-    """Hub file stem -> ``model.tag`` for every registered PIIP tag with a released file."""
+    """Hub file stem -> ``model.tag`` for every registered PIIP tag with a released file of its own name (sharded
+    models all call their index ``model.safetensors.index.json``: those are told apart by keys and shapes)."""
     stems = {}
     for name in timm.list_models("piip_*", pretrained=True, include_tags=True):
         filename = timm.get_pretrained_cfg(name).hf_hub_filename
-        if filename:
+        if filename and not filename.endswith(_INDEX_SUFFIX):
             stems[Path(filename).stem] = name
     return stems
 
@@ -339,12 +427,15 @@ def infer_model_name(path: str | os.PathLike, checkpoint: Mapping[str, Any]) -> 
     if by_file:
         return by_file
     state_dict = _converted(checkpoint)
-    # only models with as many branches, and a classifier iff the checkpoint has one, are built (on meta) and tried
+    # only models with as many branches, a classifier iff the checkpoint has one and a LLaVA projector iff it has
+    # one are built (on meta) and tried
     num_branches = len({k.split(".")[1] for k in state_dict if k.startswith("branches.")})
     classifier = any(re.match(r"(branches\.\d+\.)?head\.", k) for k in state_dict)
+    projector = any(k.startswith("projector.") for k in state_dict)
     candidates = [
         name for name, cfg in ((n, timm.get_pretrained_cfg(n)) for n in timm.list_models("piip_*"))
         if len(_as_tuple(cfg.first_conv)) == num_branches and bool(cfg.num_classes) == classifier
+        and (cfg.classifier == "projector") == projector
     ]
     matches = [name for name in candidates if _fits(name, state_dict)]
     if len(matches) == 1:
@@ -364,7 +455,8 @@ def convert_checkpoint(
     Detection checkpoints keep their feature pyramid (``with_fpn=True`` is recorded in ``model_args``).
 
     Args:
-        src: Checkpoint file (``.pth`` read with ``weights_only=True``, or ``.safetensors``).
+        src: Checkpoint file (``.pth`` read with ``weights_only=True``, or ``.safetensors``), or the index of a
+            sharded checkpoint (a PIIP-LLaVA model: its vision tower and projector are converted).
         out_dir: Output folder (created).
         model_name: Registered name, optionally with a tag whose ``pretrained_cfg`` is written
             (``piip_tsb.in1k``); inferred from the released file name, or from keys and shapes, when omitted.
@@ -408,7 +500,10 @@ def add_convert_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
         description="Convert an official OpenGVLab/PIIP checkpoint (or a piip-models state dict) to a timm Hub "
         "folder: model.safetensors + config.json, loadable with timm.create_model('local-dir:OUT').",
     )
-    parser.add_argument("src", help="checkpoint file (.pth is read with weights_only=True, or .safetensors)")
+    parser.add_argument(
+        "src", help="checkpoint file (.pth is read with weights_only=True, or .safetensors), or the "
+        "model.safetensors.index.json of a sharded PIIP-LLaVA checkpoint (its vision tower and projector)"
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--model", default=None, help="model name[.tag]; inferred from the file name or its keys when omitted"

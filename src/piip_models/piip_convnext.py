@@ -65,12 +65,17 @@ def _first_convs(letters: tuple[str, ...]) -> tuple[str, ...]:
     )
 
 
-def _combo_cfg(letters: tuple[str, str, str]) -> dict[str, Any]:
+def _combo_cfg(letters: tuple[str, str, str], file: str | None = None) -> dict[str, Any]:
     # The ConvNeXt-family configs normalise with ImageNet statistics.
-    return _dense_cfg(1024, 3, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv=_first_convs(letters))
+    return _dense_cfg(
+        1024, 3, file, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv=_first_convs(letters)
+    )
 
 
+# The first tag of a model is its default: the released checkpoint (OpenGVLab/PIIP) where one exists.
 default_cfgs = generate_default_cfgs({
+    "piip_ct_cs_cb_1024_672_448.coco_mask_rcnn": _combo_cfg(
+        ("ct", "cs", "cb"), file="detection/mask_rcnn_convnext-tsb_1024_672_448_regular-fpn.pth"),
     "piip_ct_cs_cb_1024_672_448.branches": _combo_cfg(("ct", "cs", "cb")),
     "piip_ct_vs_vb_1024_672_448.branches": _combo_cfg(("ct", "vs", "vb")),
     "piip_ct_cs_vb_1024_672_448.branches": _combo_cfg(("ct", "cs", "vb")),

@@ -129,6 +129,8 @@ default_cfgs = generate_default_cfgs({
     "piip_baseline_internvit_6b_1024.coco_mask_rcnn": _dense_cfg(
         1024, 1, file="detection/mask_rcnn_internvit_6b_fpn_1x_coco_bs16_ms.pth"),
     "piip_baseline_internvit_6b_1024.branches": _dense_cfg(1024, 1),
+    "piip_baseline_internvit_6b_512.ade20k_upernet": _dense_cfg(
+        512, 1, file="segmentation/upernet_internvit_6b_512_80k_ade20k_bs16_lr4e-5.pth", **_SEG_NORM),
     "piip_baseline_internvit_6b_512.branches": _dense_cfg(512, 1, **_SEG_NORM),
 })
 
@@ -205,9 +207,9 @@ def piip_baseline_internvit_6b_1024(pretrained: bool = False, **kwargs: Any) -> 
 def piip_baseline_internvit_6b_512(pretrained: bool = False, **kwargs: Any) -> PIIP:
     """Single-branch InternViT-6B @512 segmentation baseline (ADE20K 58.42 mIoU with UperNet).
 
-    The encoder of the official baseline (fused MLPs, position embedding at the 32 x 32 grid); its UperNet taps
-    blocks 11/23/35/47 through its own resampling layers, this model exposes the simple feature pyramid of the last
-    block like the other baselines.
+    The official mmseg baseline: fused MLPs, position embedding at the 32 x 32 grid, and the simple feature pyramid
+    of the last block with the channels-first LayerNorm at stride 4 (its config lists ``out_indices`` 11/23/35/47,
+    but the backbone's default ``use_simple_fpn=True`` feeds all four levels from block 47).
     """
     branch = _internvit_6b(512, even_segments(48, 4), True, None)
-    return _dense("piip_baseline_internvit_6b_512", (branch,), pretrained, kwargs)
+    return _dense("piip_baseline_internvit_6b_512", (branch,), pretrained, kwargs, fpn_norm="layer")

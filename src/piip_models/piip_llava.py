@@ -8,9 +8,13 @@ branch maps unmerged; :class:`~piip_models.layers.projector.BranchMLPProjector` 
 grid, projects each with its own MLP and sums them into ``(B, N, llm_dim)`` visual tokens, N = branch 1's grid
 (1024 at 512/1024 px, 400 at 640 px).
 
-Registered names follow the released configurations (``piip-llava_<branches>_<sizes>_<LLM>``); the 13B towers that
-differ (24 interactions instead of 12) carry ``_13b``, and every tower's projector width defaults to its LLM's
-hidden size (Vicuna-7B 4096, Vicuna-13B 5120; ``llm_dim=`` overrides it).
+Registered names follow the released configurations (``piip-llava_<branches>_<sizes>_<LLM>``); the 13B towers
+carry ``_13b`` (24 interactions instead of 12 for the ConvNeXt ones, a 5120-wide projector for all), and every
+tower's projector width defaults to its LLM's hidden size (Vicuna-7B 4096, Vicuna-13B 5120; ``llm_dim=``
+overrides it). Each released PIIP-LLaVA repo (``OpenGVLab/PIIP-LLaVA*``, a whole LLaVA model) is the default tag of
+its tower (``llava_v1_5_7b``/``llava_v1_5_13b``: LLaVA-1.5 data; ``llava_plus_7b``: the 2.7M-sample PIIP-LLaVA-Plus);
+loading reads only the shards holding the tower and projector and converts them
+(:func:`piip_models.weights.checkpoint_filter_fn`). ``branches`` loads timm's CLIP/ConvNeXt weights instead.
 
 Paper: Parameter-Inverted Image Pyramid Networks for Visual Perception and Multimodal Understanding
 (https://arxiv.org/abs/2501.07783); official code https://github.com/OpenGVLab/PIIP (``llava/``).
@@ -25,6 +29,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
+from .hub import official_checkpoint
 from .layers.projector import BranchMLPProjector
 from .piip import PIIP, BranchCfg, InteractionCfg, _cfg, _create_piip, even_segments
 from .piip_convnext import _CONVNEXT_39_SEGMENTS
@@ -123,7 +128,18 @@ def _convnext_clip_l_1024_336(
     return _llava(variant, branches, pretrained, kwargs, llm_dim=4096 if interactions == 12 else 5120)
 
 
-def _llava_cfg(input_size: int, convnext: bool) -> dict[str, Any]:
+# The released repos hold transformers' sharded layout: model-0000i-of-0000n.safetensors and this index.
+_LLAVA_INDEX = "model.safetensors.index.json"
+
+
+def _llava_cfg(input_size: int, convnext: bool, repo: str | None = None) -> dict[str, Any]:
+    """``repo``: the released ``OpenGVLab/<repo>`` LLaVA model whose tower and projector the tag loads."""
+    weights = (
+        dict(**official_checkpoint(_LLAVA_INDEX, f"OpenGVLab/{repo}"),
+             notes=("vision tower and projector of the official PIIP-LLaVA model, converted on load",))
+        if repo else
+        dict(notes=("timm-pretrained CLIP/ConvNeXt branches with zero-initialised interactions and a fresh projector",))
+    )
     # LLaVA's PIIP image processor center-crops to the last branch's size and normalises with ImageNet statistics.
     return _cfg(
         input_size, 2, "none", num_classes=0, classifier="projector", mean=IMAGENET_DEFAULT_MEAN,
@@ -131,17 +147,34 @@ def _llava_cfg(input_size: int, convnext: bool) -> dict[str, Any]:
                                               else "branches.1.patch_embed.proj"),
         paper_ids="arXiv:2501.07783",
         paper_name="Parameter-Inverted Image Pyramid Networks for Visual Perception and Multimodal Understanding",
-        notes=("timm-pretrained CLIP/ConvNeXt branches with zero-initialised interactions and a fresh projector",),
+        **weights,
     )
 
 
+# The first tag of a tower is its default: the released PIIP-LLaVA model, then `branches`.
 default_cfgs = generate_default_cfgs({
+    "piip_llava_clip_bl_512_256.llava_v1_5_7b": _llava_cfg(512, False, "PIIP-LLaVA_CLIP-BL_512-256_7B"),
     "piip_llava_clip_bl_512_256.branches": _llava_cfg(512, False),
+    "piip_llava_clip_bl_512_448.llava_v1_5_7b": _llava_cfg(512, False, "PIIP-LLaVA_CLIP-BL_512-448_7B"),
     "piip_llava_clip_bl_512_448.branches": _llava_cfg(512, False),
+    "piip_llava_clip_bl_512_448_13b.llava_v1_5_13b": _llava_cfg(512, False, "PIIP-LLaVA_CLIP-BL_512-448_13B"),
+    "piip_llava_clip_bl_512_448_13b.branches": _llava_cfg(512, False),
+    "piip_llava_convnext_b_clip_l_640_224.llava_v1_5_7b": _llava_cfg(
+        640, True, "PIIP-LLaVA_ConvNeXt-B_CLIP-L_640-224_7B"),
     "piip_llava_convnext_b_clip_l_640_224.branches": _llava_cfg(640, True),
+    "piip_llava_convnext_b_clip_l_1024_336.llava_v1_5_7b": _llava_cfg(
+        1024, True, "PIIP-LLaVA_ConvNeXt-B_CLIP-L_1024-336_7B"),
     "piip_llava_convnext_b_clip_l_1024_336.branches": _llava_cfg(1024, True),
+    "piip_llava_convnext_b_clip_l_1024_336_13b.llava_v1_5_13b": _llava_cfg(
+        1024, True, "PIIP-LLaVA_ConvNeXt-B_CLIP-L_1024-336_13B"),
     "piip_llava_convnext_b_clip_l_1024_336_13b.branches": _llava_cfg(1024, True),
+    "piip_llava_convnext_l_clip_l_1024_336.llava_v1_5_7b": _llava_cfg(
+        1024, True, "PIIP-LLaVA_ConvNeXt-L_CLIP-L_1024-336_7B"),
+    "piip_llava_convnext_l_clip_l_1024_336.llava_plus_7b": _llava_cfg(
+        1024, True, "PIIP-LLaVA-Plus_ConvNeXt-L_CLIP-L_1024-336_7B"),
     "piip_llava_convnext_l_clip_l_1024_336.branches": _llava_cfg(1024, True),
+    "piip_llava_convnext_l_clip_l_1024_336_13b.llava_v1_5_13b": _llava_cfg(
+        1024, True, "PIIP-LLaVA_ConvNeXt-L_CLIP-L_1024-336_13B"),
     "piip_llava_convnext_l_clip_l_1024_336_13b.branches": _llava_cfg(1024, True),
 })
 
@@ -153,12 +186,20 @@ def piip_llava_clip_bl_512_256(pretrained: bool = False, **kwargs) -> PIIPLlava:
     return _llava("piip_llava_clip_bl_512_256", branches, pretrained, kwargs)
 
 
+def _clip_bl_512_448() -> tuple[BranchCfg, BranchCfg]:
+    return _clip(_CLIP_L_336, 448, 336, 12), _clip(_CLIP_B, 512, 224, 12)
+
+
 @register_model
 def piip_llava_clip_bl_512_448(pretrained: bool = False, **kwargs) -> PIIPLlava:
-    """PIIP-LLaVA CLIP-BL 512/448 (7B; the 13B release is this tower with ``llm_dim=5120``): CLIP-L/16@448,
-    CLIP-B/16@512, 12 interactions, 1024 tokens."""
-    branches = (_clip(_CLIP_L_336, 448, 336, 12), _clip(_CLIP_B, 512, 224, 12))
-    return _llava("piip_llava_clip_bl_512_448", branches, pretrained, kwargs)
+    """PIIP-LLaVA CLIP-BL 512/448 (7B): CLIP-L/16@448, CLIP-B/16@512, 12 interactions, 1024 tokens."""
+    return _llava("piip_llava_clip_bl_512_448", _clip_bl_512_448(), pretrained, kwargs)
+
+
+@register_model
+def piip_llava_clip_bl_512_448_13b(pretrained: bool = False, **kwargs) -> PIIPLlava:
+    """PIIP-LLaVA CLIP-BL 512/448 (13B): the 7B tower with 5120-wide tokens."""
+    return _llava("piip_llava_clip_bl_512_448_13b", _clip_bl_512_448(), pretrained, kwargs, llm_dim=5120)
 
 
 @register_model

@@ -2,8 +2,8 @@
 
 Weight compatibility lives here, never in ``forward``: position embeddings are resampled to the model's grids, the
 official key names (``branch{k}.``, ``gamma_1``, ``interaction_units_{ab}``, ``merge_branch{k}``, ``w{k}``, ...) are
-renamed to the timm-style names of :class:`piip_models.piip.PIIP`, detector heads are dropped, and the result is
-checked against the model before anything is loaded.
+renamed to the timm-style names of :class:`piip_models.piip.PIIP`, detector heads and the language model of a
+PIIP-LLaVA checkpoint are dropped (and logged), and the result is checked against the model before anything is loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +36,8 @@ __all__ = [
     "checkpoint_filter_fn",
     "convert_official_state_dict",
     "convnext_branch_checkpoint_filter_fn",
+    "keys_to_load",
+    "report_dropped",
     "unwrap_state_dict",
 ]
 
@@ -44,6 +46,10 @@ _logger = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("model", "module", "state_dict")
 _BACKBONE_PREFIX = "backbone."
 _DDP_PREFIX = "module."
+# A PIIP-LLaVA checkpoint is a whole LLaVA model: the PIIP tower and its projector sit under these prefixes, every
+# other tensor belongs to the language model.
+_LLAVA_TOWER = "model.vision_tower.vision_tower."
+_LLAVA_PROJECTOR = "model.mm_projector."
 _MAX_LISTED_KEYS = 20
 
 
@@ -51,9 +57,26 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint's tensors do not fit the model: missing or unexpected keys, or tensors of another shape."""
 
 
+def report_dropped(what: str, keys: Iterable[str]) -> None:
+    """Logs (INFO) the tensors of a checkpoint that are not loaded, counted per module (``model.layers`` for a
+    language model's ``model.*`` tensors, else the top-level name)."""
+    groups = Counter(".".join(k.split(".")[:2]) if k.startswith("model.") else k.split(".", 1)[0] for k in keys)
+    if groups:
+        report = ", ".join(f"{name} ({count})" for name, count in sorted(groups.items()))
+        _logger.info("%s, dropped %d tensors: %s", what, groups.total(), report)
+
+
+def keys_to_load(keys: Iterable[str]) -> list[str]:
+    """The keys of a checkpoint a PIIP model loads: the vision tower and projector of a LLaVA checkpoint (its
+    language model is never needed), otherwise every key."""
+    keys = list(keys)
+    return [k for k in keys if k.startswith((_LLAVA_TOWER, _LLAVA_PROJECTOR))] or keys
+
+
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Returns a checkpoint's tensors: unwraps ``model``/``module``/``state_dict``, strips a DDP ``module.`` prefix
-    and keeps only the ``backbone.`` part of detector/segmentor checkpoints, logging what it dropped."""
+    """Returns a checkpoint's tensors: unwraps ``model``/``module``/``state_dict``, strips a DDP ``module.`` prefix,
+    keeps only the ``backbone.`` part of detector/segmentor checkpoints and the vision tower and projector of
+    LLaVA checkpoints (``mm_projector.``), logging what it dropped."""
     for key in _WRAPPER_KEYS:
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             checkpoint = checkpoint[key]
@@ -61,11 +84,17 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if state_dict and all(k.startswith(_DDP_PREFIX) for k in state_dict):
         state_dict = {k[len(_DDP_PREFIX):]: v for k, v in state_dict.items()}
     if any(k.startswith(_BACKBONE_PREFIX) for k in state_dict):
-        heads = Counter(k.split(".", 1)[0] for k in state_dict if not k.startswith(_BACKBONE_PREFIX))
-        if heads:
-            report = ", ".join(f"{name} ({count})" for name, count in sorted(heads.items()))
-            _logger.info("kept the backbone of a detector checkpoint, dropped %d tensors: %s", heads.total(), report)
+        report_dropped("kept the backbone of a detector checkpoint",
+                       [k for k in state_dict if not k.startswith(_BACKBONE_PREFIX)])
         state_dict = {k[len(_BACKBONE_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_BACKBONE_PREFIX)}
+    if any(k.startswith((_LLAVA_TOWER, _LLAVA_PROJECTOR)) for k in state_dict):
+        vision = set(keys_to_load(state_dict))
+        report_dropped("kept the vision tower and projector of a LLaVA checkpoint",
+                       [k for k in state_dict if k not in vision])
+        # tower keys become the official PIIP names (branch{k}., interactions.), the projector mm_projector.
+        state_dict = {
+            k.removeprefix(_LLAVA_TOWER).removeprefix("model."): v for k, v in state_dict.items() if k in vision
+        }
     return state_dict
 
 
@@ -189,11 +218,32 @@ _OFFICIAL_RENAMES = (
     (re.compile(r"(\.stages\.\d+\.blocks\.\d+)\.(dwconv|layernorm|pwconv1|pwconv2)\."),
      lambda m: f"{m.group(1)}.{_HF_CONVNEXT_BLOCK[m.group(2)]}."),
     (re.compile(r"(\.stages\.\d+\.blocks\.\d+)\.layer_scale_parameter$"), lambda m: f"{m.group(1)}.gamma"),
+    # PIIP-LLaVA: timm ConvNeXt branches, their layer scale renamed ``gamma`` -> ``weight`` by the official code
+    (re.compile(r"\.convnext_model\.(stem|stages)\."), lambda m: f".{m.group(1)}."),
+    (re.compile(r"(\.stages\.\d+\.blocks\.\d+)\.weight$"), lambda m: f"{m.group(1)}.gamma"),
+    # PIIP-LLaVA projector (TwoBranchMLP)
+    (re.compile(r"^mm_projector\.branch(\d+)\."), lambda m: f"projector.branches.{int(m.group(1)) - 1}."),
 )
 _HF_CONVNEXT_BLOCK = {"dwconv": "conv_dw", "layernorm": "norm", "pwconv1": "mlp.fc1", "pwconv2": "mlp.fc2"}
 _OFFICIAL_BRANCH_WEIGHT = re.compile(r"^(?:intermediate_merging_(\d+)_)?w(\d+)$")
-# Official tensors no PIIP module reads: the Hugging Face ConvNeXt's final (pooling) LayerNorm.
-_OFFICIAL_UNUSED = re.compile(r"^branch\d+\.convnext_model\.layernorm\.")
+# Official tensors no PIIP module reads: the final (pooling) LayerNorm of Hugging Face ConvNeXt branches, the pooled
+# head of timm ConvNeXt branches and the post-LayerNorm (and, in older transformers, the position-id buffer) of
+# Hugging Face CLIP branches.
+_OFFICIAL_UNUSED = re.compile(
+    r"^branch\d+\.(convnext_model\.(layernorm|head)\.|clip_model\.(post_layernorm\.|embeddings\.position_ids$))"
+)
+# Hugging Face CLIP vision towers (PIIP-LLaVA branches) to timm ViT names, within ``branch{k}.clip_model.``.
+_HF_CLIP = re.compile(r"^(branch\d+\.)clip_model\.(.+)$")
+_HF_CLIP_QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+_HF_CLIP_RENAMES = (
+    (re.compile(r"^embeddings\.class_embedding$"), "cls_token"),
+    (re.compile(r"^embeddings\.position_embedding\.weight$"), "pos_embed"),
+    (re.compile(r"^embeddings\.patch_embedding\."), "patch_embed.proj."),
+    (re.compile(r"^pre_layrnorm\."), "norm_pre."),
+    (re.compile(r"^encoder\.layers\.(\d+)\."), r"blocks.\1."),
+    (re.compile(r"\.self_attn\.out_proj\."), ".attn.proj."),
+    (re.compile(r"\.layer_norm([12])\."), r".norm\1."),
+)
 # Single-ViT layout (the official detection baselines' ``vit_models``, or a plain ViT): the ViT is branch 0 and the
 # baseline's simple pyramid ``up1..up4`` is ours ``fpn.p2..p5``.
 _SINGLE_VIT_RENAMES = (
@@ -211,24 +261,59 @@ def is_official_layout(state_dict: Mapping[str, Any]) -> bool:
     return any(k.startswith("branch1.") for k in state_dict) or _is_single_vit_layout(state_dict)
 
 
+def _convert_hf_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face CLIP branches (``branch{k}.clip_model.``) to timm ViT names: the separate q/k/v projections
+    fused into ``attn.qkv`` (in q, k, v order), the class and position embeddings given timm's batch dimensions.
+    Other keys pass unchanged; a block missing one of q/k/v keeps its names (the strict check reports it)."""
+    converted: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        match = _HF_CLIP.match(key)
+        if not match:
+            converted[key] = value
+            continue
+        prefix, rest = match.groups()
+        proj = _HF_CLIP_QKV.match(rest)
+        if proj:
+            qkv.setdefault(f"{prefix}blocks.{proj[1]}.attn.qkv.{proj[3]}", {})[proj[2]] = value
+            continue
+        for pattern, repl in _HF_CLIP_RENAMES:
+            rest = pattern.sub(repl, rest)
+        if rest == "cls_token":
+            value = value.reshape(1, 1, -1)
+        elif rest == "pos_embed":
+            value = value.unsqueeze(0)
+        converted[prefix + rest] = value
+    for key, parts in qkv.items():
+        if parts.keys() == {"q", "k", "v"}:
+            converted[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        else:
+            converted.update({key.replace(".qkv.", f".{p}_proj."): v for p, v in parts.items()})
+    return converted
+
+
 def convert_official_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Renames an official OpenGVLab/PIIP state dict to piip-models names (no resampling).
 
     Args:
-        state_dict: Official checkpoint or state dict (wrappers and a ``backbone.`` prefix are removed).
+        state_dict: Official checkpoint or state dict (wrappers, a ``backbone.`` prefix and a LLaVA model's
+            language model are removed).
 
     Returns:
         The state dict with piip-models key names; the scalar branch weights ``w1..wN`` become ``branch_weights``
-        (``intermediate_merging_{i}_w{k}``: ``stage_branch_weights.{i}``); the unused final LayerNorm of Hugging
-        Face ConvNeXt branches is dropped.
+        (``intermediate_merging_{i}_w{k}``: ``stage_branch_weights.{i}``), Hugging Face CLIP branches get timm's
+        fused ``qkv``; official tensors no PIIP module reads (final norms of Hugging Face ConvNeXt and CLIP
+        branches, timm ConvNeXt heads) are dropped and logged.
     """
     state_dict = unwrap_state_dict(state_dict)
+    unused = sorted(k for k in state_dict if _OFFICIAL_UNUSED.match(k))
+    if unused:
+        _logger.info("dropped %d official tensors no PIIP module reads: %s", len(unused), unused)
+    state_dict = _convert_hf_clip({k: v for k, v in state_dict.items() if not _OFFICIAL_UNUSED.match(k)})
     renames = _SINGLE_VIT_RENAMES + _OFFICIAL_RENAMES if _is_single_vit_layout(state_dict) else _OFFICIAL_RENAMES
     converted: dict[str, torch.Tensor] = {}
     branch_weights: dict[str, dict[int, torch.Tensor]] = {}
     for key, value in state_dict.items():
-        if _OFFICIAL_UNUSED.match(key):
-            continue
         match = _OFFICIAL_BRANCH_WEIGHT.match(key)
         if match:
             target = "branch_weights" if match.group(1) is None else f"stage_branch_weights.{match.group(1)}"
@@ -315,7 +400,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PIIP, strict: boo
         state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
     for k, branch in enumerate(model.branches):
         key = f"branches.{k}.pos_embed"
-        if key in state_dict:
+        if key in state_dict and isinstance(branch, VisionTransformer):  # (a ConvNeXt branch: reported unexpected)
             state_dict[key] = adapt_pos_embed(state_dict[key], branch)
     state_dict = adapt_rel_pos_tables(state_dict, model)
     return check_state_dict(state_dict, model) if strict else state_dict
