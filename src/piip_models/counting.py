@@ -607,6 +607,7 @@ PUBLISHED: tuple[PublishedRow, ...] = (
     PublishedRow("vit_large_patch14_clip_quickgelu_336", None, 191 * G, "§5.7, §9.5", None, 191.0 * G),
     PublishedRow("piip_llava_clip_bl_512_256", None, 193 * G, "§5.7, §9.5", None, 193.5 * G),
     PublishedRow("piip_llava_clip_bl_512_448", None, 422 * G, "§5.7, §9.5", None, 422.6 * G),
+    PublishedRow("piip_llava_clip_bl_512_448_13b", None, 422 * G, "§5.7, §9.5", None, 422.6 * G),  # the same tower
     PublishedRow("piip_llava_convnext_b_clip_l_640_224", None, 191 * G, "§5.7, §9.5", None, 191.3 * G),
     PublishedRow("piip_llava_convnext_b_clip_l_1024_336", None, 598 * G, "§5.7, §9.5", None, 598.2 * G),
     PublishedRow("piip_llava_convnext_l_clip_l_1024_336", None, 1037 * G, "§5.7, §9.5", None, 1037.7 * G),
