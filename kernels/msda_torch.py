@@ -4,39 +4,55 @@ Sampling follows Deformable-DETR and ``grid_sample(mode="bilinear", padding_mode
 location ``(x, y)`` in ``[0, 1]`` maps to pixel ``(x * W - 0.5, y * H - 0.5)``, values are read bilinearly, corners
 outside the map read zeros and non-finite locations read nothing.
 
-Forward: every output row ``(n, q, m)`` is one weighted ``embedding_bag`` over the ``4 * L * P`` bilinear corners of
-its samples, so the ``(N, Lq, M, L * P, D)`` tensor of samples of the ``grid_sample`` formulation never exists.
+Work runs in chunks of whole maps (some heads of one image, or whole images), samples head-major. Each chunk reads a
+copy of its maps with a zero border of two pixels (:class:`_Maps`), and pixel coordinates are clamped to
+``[-2, W] x [-2, H]`` (NaN to -2): the four corners of every location are rows of that table, so no validity mask
+exists. Corners outside the map read the border's zeros, and a clamped location reads only border zeros, so its
+gradients vanish as they do for ``grid_sample``. Per-chunk constants broadcast over leading dims only, so every
+elementwise op runs over long contiguous rows.
+
+Forward: every output row ``(n, q, m)`` is one weighted ``embedding_bag`` over the ``4 * L * P`` corners of its
+samples, so the ``(N, Lq, M, L * P, D)`` tensor of samples of the ``grid_sample`` formulation never exists.
 
 Backward (recomputes the corners; the forward saves only its inputs):
 
 * location and attention gradients come from the dot products ``<grad_out, value[corner]>`` of every corner, one
   ``sampled_addmm`` (SDDMM) per chunk;
-* the value gradient is a scatter, which ATen only offers as a serial ``index_add_``. It is turned into gathers:
-  samples are stable-sorted by the 2x2 cell they read, one ``embedding_bag`` per corner of the cell sums the weighted
-  output gradients of all samples of each cell, and only one row per distinct cell and corner is scattered.
+* the value gradient is a scatter, which ATen only runs element by element. It is turned into gathers: samples are
+  sorted by the 2x2 cell they read, one ``embedding_bag`` sums the weighted output gradients of each cell's samples
+  for each of its corners, and a second one gathers for each table row the sums of the (at most four) cells that
+  have it as a corner.
 
 Every step has a fixed summation order, so the backward is deterministic on CPU and CUDA.
-Work runs in chunks of query rows so that temporaries stay near ``_CHUNK_BYTES`` (and in cache).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["compute_dtype", "msda_torch_backward", "msda_torch_forward"]
 
-# Chunk temporaries are sized like the output the op allocates anyway (which keeps the peak a small multiple of it),
-# within [4 MiB, _CHUNK_BYTES]: larger chunks run fewer ops, smaller ones stay in cache.
-_CHUNK_BYTES = 32 << 20
-# Temporaries per sample (one location of one head) in a chunk: geometry, 4 corner indices and weights, dot products,
-# sort keys and permutations; the backward adds up to 4 * D values per sample for the per-cell sums.
-_SAMPLE_BYTES = 256
-# Below this many value-table rows (N * S * M) the corner dot products are gathered instead of one sampled_addmm.
-_MIN_SDDMM_ROWS = 16
+# Zero border of the padded maps: pixel coordinates clamped to [-2, W] keep both corners x0, x0 + 1 in [-2, W + 1].
+_PAD = 2
+# Chunks hold about _CHUNK_SAMPLES samples (one location of one head), fewer when their temporaries would exceed
+# the size of the op's output (which keeps the peak a small multiple of it) within [_MIN_CHUNK_BYTES,
+# _MAX_CHUNK_BYTES], four times that in the forward, whose temporaries are gone before the backward's. Per sample
+# they take about _SAMPLE_BYTES (forward, backward), plus copies of the chunk's maps.
+_CHUNK_SAMPLES = 3 << 16
+_MIN_CHUNK_BYTES, _MAX_CHUNK_BYTES = 4 << 20, 32 << 20
+_SAMPLE_BYTES = (64, 112)
+# Sort keys below this bound are int16, which ATen's radix sort orders in two passes instead of four.
+_SHORT_KEYS = 1 << 15
+# float32 holds integers exactly below this bound: chunks of fewer table rows compute corner rows in float32.
+_EXACT_ROWS = 1 << 24
+# ATen sorts 1-D integer tensors with a radix sort from this size on (its GRAIN_SIZE), smaller ones with std::sort,
+# which is slower per element: padding keys to the radix size pays off from about a sixth of it.
+_RADIX_SIZE = 1 << 15
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,119 +60,165 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _Corners:
-    """Bilinear corners of a chunk of samples (see :meth:`_Geometry.corners`)."""
+class _Maps:
+    """Zero-padded value maps of chunks of heads, and the geometry of their bilinear corners.
 
-    def __init__(self, index, weight, lerp, valid, base) -> None:
-        self.index = index  # (R, M, L, P, 4) value-table rows of corners (y_i, x_j) at 2 * i + j
-        self.weight = weight  # (R, M, L, P, 4) attention * bilinear weight, zero for corners outside the map
-        self.lerp = lerp  # 2 x (2, R, M, L, P): 1-D bilinear weights [corner][x or y]
-        self.valid = valid  # 2 x (2, R, M, L, P): whether that corner coordinate is inside the map
-        self.base = base  # (2, R, M, L, P) top-left corner (x, y), float, NaN replaced by -2
+    The table of a chunk of ``n`` images and ``m`` heads is ``(n, S', m, D)``: the value layout, restricted to the
+    chunk's heads, with every level's map padded by a zero border of ``_PAD`` pixels.
+    """
 
-
-class _Geometry:
-    """Per-level constants, shaped to broadcast against planar ``(2, R, M, L, P)`` / ``(R, M, L, P)`` tensors."""
-
-    def __init__(
-        self, shapes: Sequence[tuple[int, int]], queries: int, heads: int, device: torch.device, dtype: torch.dtype
-    ) -> None:
+    def __init__(self, value: torch.Tensor, shapes: Sequence[tuple[int, int]], dtype: torch.dtype,
+                 queries: int, samples: int, backward: bool, chunked: bool = True) -> None:
+        batch, _, heads, head_dim = value.shape
+        device = value.device
+        self.value, self.heads = value, heads
+        self.shapes = list(shapes)
+        self.padded = [(h + 2 * _PAD, w + 2 * _PAD) for h, w in shapes]
+        self.starts = list(accumulate((h * w for h, w in self.padded), initial=0))
+        self.positions = self.starts[-1]  # S'
+        self.chunks = self._plan(batch, queries * samples, head_dim * torch.finfo(dtype).bits // 8,
+                                 batch * queries * heads * head_dim * value.element_size(), backward, chunked)
+        self.rows = max(self.blocks(*chunk) for chunk in self.chunks) * self.positions
+        self.index_dtype = torch.int32 if self.rows < 2**31 else torch.int64
+        # Index arithmetic runs in floating point, faster than integer ops here.
+        self.index_float = dtype if dtype == torch.float64 or self.rows < _EXACT_ROWS else torch.float64
+        self.dtype = dtype
+        self._buffer: torch.Tensor | None = None
+        self._shape = (0, 0)
         levels = len(shapes)
-        self.queries, self.heads, self.positions = queries, heads, sum(h * w for h, w in shapes)
-        # (x, y) scale of each level, i.e. (W_l, H_l).
+        # Per level, shaped to broadcast against (n, m, Lq, L, P) samples.
         self.scale = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], dtype=dtype, device=device)
-        self.scale = self.scale.view(2, 1, 1, levels, 1)
-        # Value-table row of pixel (y, x) of level l, head m: (start_l + y * W_l + x) * M + m.
-        self.row_stride = torch.tensor([w * heads for _, w in shapes], device=device).view(levels, 1)
-        starts = torch.tensor([sum(h * w for h, w in shapes[:i]) for i in range(levels)], device=device)
-        self.level_head = starts.view(levels, 1) * heads + torch.arange(heads, device=device).view(heads, 1, 1)
-        # The same for 2x2 cells, indexed by their top-left corner (y, x) in [-1, H_l - 1] x [-1, W_l - 1].
-        self.cells = sum((h + 1) * (w + 1) for h, w in shapes)
-        self.cell_stride = torch.tensor([(w + 1) * heads for _, w in shapes], device=device).view(levels, 1)
-        cell_starts = torch.tensor([sum((h + 1) * (w + 1) for h, w in shapes[:i]) for i in range(levels)],
-                                   device=device)
-        self.cell_level_head = (
-            (cell_starts.view(levels, 1) + torch.tensor([w + 2 for _, w in shapes], device=device).view(levels, 1))
-            * heads
-            + torch.arange(heads, device=device).view(heads, 1, 1)
-        )
-        self.cell_min = torch.tensor(-1.0, dtype=dtype, device=device)
-        self.zero = torch.tensor(0.0, dtype=dtype, device=device)
-        self.upper = self.scale - 1
+        self.scale = self.scale.view(2, 1, 1, 1, levels, 1)
+        self.lower = torch.tensor(-float(_PAD), dtype=dtype, device=device)
+        self.row_stride = torch.tensor([wp for _, wp in self.padded], dtype=self.index_float, device=device)
+        self.row_stride = self.row_stride.view(levels, 1)
+        # Row of pixel (0, 0) of each level in its block.
+        self.level_origin = torch.tensor([s + _PAD * wp + _PAD for s, (_, wp) in zip(self.starts, self.padded)],
+                                         dtype=self.index_float, device=device).view(levels, 1)
 
-    def corners(self, loc: torch.Tensor, attn: torch.Tensor, row0: int) -> _Corners:
-        """Bilinear corners of flat query rows ``row0 .. row0 + R`` (row ``n * Lq + q``).
+    def _plan(self, batch: int, per_map: int, row_bytes: int, out_bytes: int, backward: bool,
+              chunked: bool) -> list[tuple[int, int, int, int]]:
+        """``(n0, n1, m0, m1)``: images ``n0:n1`` and heads ``m0:m1`` of each chunk, either some heads of one image
+        or whole images. Chunks stay below ``_EXACT_ROWS`` table rows when the maps allow it, and in the backward
+        below ``_SHORT_KEYS`` rows (16-bit sort keys)."""
+        heads = self.heads
+        if chunked:
+            budget = min(max(out_bytes, _MIN_CHUNK_BYTES), _MAX_CHUNK_BYTES) * (1 if backward else 4)
+            map_bytes = per_map * _SAMPLE_BYTES[backward] + (3 if backward else 1) * self.positions * row_bytes
+            maps = max(1, min(_CHUNK_SAMPLES // per_map, budget // map_bytes))
+        else:
+            maps = batch * heads
+        maps = max(1, min(maps, (_EXACT_ROWS - 1) // self.positions))
+        if backward and chunked and self.positions <= _SHORT_KEYS:
+            maps = min(maps, _SHORT_KEYS // self.positions)
+        if maps >= heads:
+            images = maps // heads
+            return [(n, min(n + images, batch), 0, heads) for n in range(0, batch, images)]
+        parts = -(-heads // maps)
+        bounds = [i * heads // parts for i in range(parts + 1)]
+        return [(n, n + 1, m0, m1) for n in range(batch) for m0, m1 in zip(bounds[:-1], bounds[1:])]
+
+    @staticmethod
+    def blocks(n0: int, n1: int, m0: int, m1: int) -> int:
+        return (n1 - n0) * (m1 - m0)
+
+    def _interiors(self, padded: torch.Tensor, natural: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per level, the interior of the maps of ``padded`` ``(n, S', m, D)`` and the matching view of ``natural``
+        ``(n, S, m, D)``, both ``(n, H, W, m, D)``."""
+        images, _, heads, head_dim = natural.shape
+        start = 0
+        for (h, w), (hp, wp), pstart in zip(self.shapes, self.padded, self.starts):
+            inner = padded[:, pstart:pstart + hp * wp].view(images, hp, wp, heads, head_dim)
+            yield inner[:, _PAD:_PAD + h, _PAD:_PAD + w], natural[:, start:start + h * w].view(
+                images, h, w, heads, head_dim)
+            start += h * w
+
+    def table(self, n0: int, n1: int, m0: int, m1: int) -> torch.Tensor:
+        """Padded maps of images ``n0:n1``, heads ``m0:m1``: ``(n * S' * m, D)``."""
+        rows, head_dim = self.blocks(n0, n1, m0, m1) * self.positions, self.value.shape[-1]
+        if torch.is_grad_enabled() and self.value.requires_grad:  # autograd needs a fresh table per chunk
+            table = self.value.new_zeros((rows, head_dim), dtype=self.dtype)
+        else:
+            # One table for all chunks: their interiors overwrite each other and the borders stay zero, as long as
+            # the chunks have the same shape.
+            if self._buffer is None:
+                self._buffer = self.value.new_zeros((self.rows, head_dim), dtype=self.dtype)
+            elif self._shape != (n1 - n0, m1 - m0):
+                self._buffer.zero_()
+            self._shape = (n1 - n0, m1 - m0)
+            table = self._buffer[:rows]
+        padded = table.view(n1 - n0, self.positions, m1 - m0, head_dim)
+        for inner, source in self._interiors(padded, self.value[n0:n1, :, m0:m1]):
+            inner.copy_(source)
+        return table
+
+    def unpad(self, natural: torch.Tensor, padded: torch.Tensor) -> None:
+        """Copy the interior of the maps of ``padded`` ``(n, S', m, D)`` into ``natural`` ``(n, S, m, D)``."""
+        for inner, target in self._interiors(padded, natural):
+            target.copy_(inner)
+
+    def corners(
+        self, loc: torch.Tensor, attn: torch.Tensor, planar_weight: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bilinear corners of the samples of a chunk.
 
         Args:
-            loc: ``(R, M, L, P, 2)`` locations.
-            attn: ``(R, M, L, P)`` attention weights, in the compute dtype.
-            row0: first flat query row of the chunk.
+            loc: ``(n, m, Lq, L, P, 2)`` locations of the chunk's maps.
+            attn: ``(n, m, Lq, L, P)`` attention weights, in the table dtype.
+            planar_weight: store ``weight`` corner-major, the layout in which the backward reorders it by cell.
+
+        Returns:
+            ``index`` ``(n, m, Lq, L, P, 4)``: rows of the corners ``(y_i, x_j)`` at ``2 * i + j`` in the chunk's
+            table;
+            ``weight`` ``(n, m, Lq, L, P, 4)``: attention times bilinear weight of each corner (a view of a
+            contiguous ``(4, n, m, Lq, L, P)`` tensor with ``planar_weight``);
+            ``frac`` ``(2, n, m, Lq, L, P)``: ``(x, y)`` position inside the cell.
         """
-        rows, heads, levels, points, _ = loc.shape
-        # out= is faster (no stack copies) but not differentiable; autograd only runs here on the export path.
+        images, heads = loc.shape[:2]
+        device, dtype = loc.device, attn.dtype
+        # Row of pixel (0, 0) of image i, head j, level l: (i * S' + origin_l) * m + j.
+        image = torch.arange(images, device=device, dtype=self.index_float).view(-1, 1, 1, 1, 1) * self.positions
+        head = torch.arange(heads, device=device, dtype=self.index_float).view(-1, 1, 1, 1)
+        origin = (image + self.level_origin).mul_(heads) + head
+        row_stride = self.row_stride * heads
+        # out= and in-place ops skip allocations but are not differentiable; autograd only runs here on export paths.
         differentiable = torch.is_grad_enabled() and (loc.requires_grad or attn.requires_grad)
+        xy = loc.movedim(-1, 0).to(dtype)
         if differentiable:
-            pixel = loc.movedim(-1, 0) * self.scale - 0.5
+            pixel = torch.clamp(torch.nan_to_num(xy * self.scale - 0.5, nan=-float(_PAD)), self.lower, self.scale)
+            base = pixel.floor()
+            frac = pixel - base
         else:
-            # Planar (x, y)-major copy: every later op runs on contiguous planes with per-level scalars.
-            pixel = torch.mul(loc.movedim(-1, 0), self.scale, out=attn.new_empty((2, rows, heads, levels, points)))
-            pixel.sub_(0.5)
-        # NaN reads nothing: it becomes a base outside every map. +-inf saturates and fails the checks below too.
-        base = pixel.floor().nan_to_num_(-2.0)
-        frac = pixel - base
-        # Corner coordinates clamped into the map; a corner is inside exactly when clamping left it unchanged.
-        base1 = base + 1
-        clamped = (torch.clamp(base, self.zero, self.upper), torch.clamp(base1, self.zero, self.upper))
-        valid = (clamped[0] == base, clamped[1] == base1)
-        lerp = (torch.where(valid[0], 1 - frac, 0), torch.where(valid[1], frac, 0))
-        coord = [c.to(torch.int64) for c in clamped]
-        batch = torch.arange(row0, row0 + rows, device=loc.device) // self.queries * (self.positions * self.heads)
-        offset = batch.view(-1, 1, 1, 1) + self.level_head  # (R, M, L, 1): row of pixel (0, 0)
-        row_y = [torch.addcmul(offset, coord[i][1], self.row_stride) for i in range(2)]
-        col_x = [coord[j][0] * self.heads for j in range(2)]
-        attn_y = [attn * lerp[i][1] for i in range(2)]
-        index = torch.empty((rows, heads, levels, points, 4), dtype=torch.int64, device=loc.device)
-        for k in range(4):
-            torch.add(row_y[k // 2], col_x[k % 2], out=index[..., k])
+            pixel = torch.mul(xy, self.scale).sub_(0.5).nan_to_num_(nan=-float(_PAD)).clamp_min_(-float(_PAD))
+            torch.minimum(pixel, self.scale, out=pixel)
+            base = pixel.floor()
+            frac = pixel.sub_(base)
+        cell = torch.add(origin, base[0], alpha=heads).addcmul_(base[1], row_stride).to(self.index_dtype)
+        index = cell.new_empty((*cell.shape, 4))
+        index[..., 0] = cell
+        torch.add(cell, heads, out=index[..., 1])
+        torch.add(cell, row_stride.to(self.index_dtype), out=index[..., 2])
+        torch.add(index[..., 2], heads, out=index[..., 3])
+        fx, fy = frac
         if differentiable:
-            weight = torch.stack([attn_y[k // 2] * lerp[k % 2][0] for k in range(4)], -1)
+            weight_y = (attn - attn * fy, attn * fy)
+            weight = torch.stack([w for wy in weight_y for w in (wy - wy * fx, wy * fx)], -1)
         else:
-            weight = attn.new_empty(index.shape)
-            for k in range(4):
-                torch.mul(attn_y[k // 2], lerp[k % 2][0], out=weight[..., k])
-        return _Corners(index, weight, lerp, valid, base)
-
-    def cell_keys(self, corners: _Corners, row0: int) -> torch.Tensor:
-        """``(R, M, L, P)`` unique id of each sample's 2x2 cell."""
-        rows = corners.index.shape[0]
-        # Samples outside the map land in a border cell; their weights are zero and their corners match the cell's.
-        x, y = torch.clamp(corners.base, self.cell_min, self.upper).to(torch.int64).unbind(0)
-        batch = torch.arange(row0, row0 + rows, device=x.device) // self.queries * (self.cells * self.heads)
-        offset = batch.view(-1, 1, 1, 1) + self.cell_level_head
-        return torch.addcmul(offset, y, self.cell_stride).add_(x * self.heads)
+            # attn * (1 - f) as attn - attn * f: the same value to an ulp.
+            shape = (4, *attn.shape) if planar_weight else (*attn.shape, 4)
+            weight = attn.new_empty(shape).movedim(0, -1) if planar_weight else attn.new_empty(shape)
+            weight_y1 = torch.mul(attn, fy)
+            for i, weight_y in enumerate((attn - weight_y1, weight_y1)):
+                torch.addcmul(weight_y, weight_y, fx, value=-1, out=weight[..., 2 * i])
+                torch.mul(weight_y, fx, out=weight[..., 2 * i + 1])
+        return index, weight, frac
 
 
-def _row_chunks(rows: int, row_bytes: int, out_bytes: int, chunked: bool = True) -> Iterator[tuple[int, int]]:
-    budget = min(_CHUNK_BYTES, max(out_bytes, 4 << 20))
-    step = max(1, budget // max(row_bytes, 1)) if chunked else max(rows, 1)
-    for start in range(0, rows, step):
-        yield start, min(start + step, rows)
-
-
-def _prepare(
-    value: torch.Tensor, shapes: Sequence[tuple[int, int]], loc: torch.Tensor, attn: torch.Tensor
-) -> tuple[torch.Tensor, _Geometry, torch.Tensor, torch.Tensor]:
-    batch, positions, heads, head_dim = value.shape
-    _, queries, _, levels, points, _ = loc.shape
-    dtype = compute_dtype(value.dtype)
-    table = value.to(dtype).reshape(batch * positions * heads, head_dim)
-    geometry = _Geometry(shapes, queries, heads, value.device, dtype)
-    return (
-        table,
-        geometry,
-        loc.reshape(batch * queries, heads, levels, points, 2),
-        attn.reshape(batch * queries, heads, levels, points),
-    )
+def _head_major(t: torch.Tensor, n0: int, n1: int, m0: int, m1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Contiguous copy of ``t[n0:n1, :, m0:m1]`` with the head dim second: ``(n, m, Lq, ...)``. One transposing
+    copy here is cheaper than strided operands in every later op."""
+    chunk = t[n0:n1, :, m0:m1].transpose(1, 2)
+    return torch.empty(chunk.shape, dtype=dtype, device=t.device).copy_(chunk)
 
 
 def msda_torch_forward(
@@ -167,7 +229,7 @@ def msda_torch_forward(
     *,
     chunked: bool = True,
 ) -> torch.Tensor:
-    """Multi-scale deformable attention with one ``embedding_bag`` per query chunk.
+    """Multi-scale deformable attention with one ``embedding_bag`` per chunk of maps.
 
     Differentiable by autograd (used as is for tracing and export); the custom op pairs it with
     :func:`msda_torch_backward`, which is much faster than autograd through ``embedding_bag``.
@@ -177,68 +239,115 @@ def msda_torch_forward(
         spatial_shapes: ``(H_l, W_l)`` per level as Python ints, ``sum H_l * W_l == S``.
         sampling_locations: ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)``.
         attention_weights: ``(N, Lq, M, L, P)``.
-        chunked: bound temporaries by processing query chunks; ``False`` keeps exported graphs small.
+        chunked: bound temporaries by processing chunks of maps; ``False`` keeps exported graphs small.
 
     Returns:
         ``(N, Lq, M * D)`` in ``value.dtype`` (accumulated in float32, or float64 for float64 values).
     """
     batch, _, heads, head_dim = value.shape
-    queries = sampling_locations.shape[1]
-    samples = sampling_locations.shape[3] * sampling_locations.shape[4]
-    if samples == 0:
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    samples = levels * points
+    if samples == 0 or batch * queries == 0:
         return value.new_zeros(batch, queries, heads * head_dim)
-    table, geometry, loc, attn = _prepare(value, spatial_shapes, sampling_locations, attention_weights)
-    out_bytes = batch * queries * heads * head_dim * table.element_size()
-    chunks = list(_row_chunks(batch * queries, heads * samples * _SAMPLE_BYTES, out_bytes, chunked))
-    out = table.new_zeros(batch * queries, heads * head_dim) if len(chunks) != 1 else None
-    for start, stop in chunks:
-        corners = geometry.corners(loc[start:stop], attn[start:stop].to(table.dtype), start)
-        rows = F.embedding_bag(
-            corners.index.view(-1, 4 * samples), table, mode="sum",
-            per_sample_weights=corners.weight.view(-1, 4 * samples),
-        ).view(stop - start, heads * head_dim)
-        if out is None:
-            out = rows
-        else:
-            out[start:stop] = rows
+    dtype = compute_dtype(value.dtype)
+    maps = _Maps(value, spatial_shapes, dtype, queries, samples, backward=False, chunked=chunked)
+    out = torch.empty((batch, queries, heads, head_dim), dtype=dtype, device=value.device)
+    for n0, n1, m0, m1 in maps.chunks:
+        loc = _head_major(sampling_locations, n0, n1, m0, m1, sampling_locations.dtype)
+        index, weight, _ = maps.corners(loc, _head_major(attention_weights, n0, n1, m0, m1, dtype))
+        rows = F.embedding_bag(index.view(-1, 4 * samples), maps.table(n0, n1, m0, m1), mode="sum",
+                               per_sample_weights=weight.view(-1, 4 * samples))
+        out[n0:n1, :, m0:m1] = rows.view(n1 - n0, m1 - m0, queries, head_dim).transpose(1, 2)
     return out.view(batch, queries, heads * head_dim).to(value.dtype)
 
 
 def _corner_dots(grad_out: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``dots[i] = <grad_out[bag of i], table[index[i]]>`` (index: bags x corners), without gathering rows.
+    """``dots[b, i] = <grad_out[b], table[index[b, i]]>`` without gathering rows.
 
-    A sampled dense-dense matmul over the CSR pattern "bag b reads rows index[b]" (one ``sampled_addmm``).
+    A sampled dense-dense matmul over the CSR pattern "bag b reads rows index[b]" (one ``sampled_addmm``). The
+    padded table has at least 25 rows, above the sizes at which ATen's kernel coalesces repeated columns.
     """
-    if table.shape[0] < _MIN_SDDMM_ROWS:
-        # ATen's sampled_addmm coalesces repeated columns of a row for such small operands, which breaks the
-        # fixed CSR pattern; a value table this small is cheap to gather.
-        return (grad_out.unsqueeze(1) * table[index.view(grad_out.shape[0], -1)]).sum(-1).view(index.shape)
-    bags = grad_out.shape[0]
-    corners = index.numel() // max(bags, 1)
-    crow = torch.arange(0, (bags + 1) * corners, corners, device=index.device)
+    bags, corners = index.shape
+    crow = torch.arange(0, (bags + 1) * corners, corners, dtype=index.dtype, device=index.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         pattern = torch.sparse_csr_tensor(
-            crow, index.view(-1), table.new_zeros(bags * corners), size=(bags, table.shape[0]), check_invariants=False
+            crow, index.reshape(-1), table.new_zeros(bags * corners), size=(bags, table.shape[0]),
+            check_invariants=False,
         )
         return torch.sparse.sampled_addmm(pattern, grad_out, table.t(), beta=0.0).values().view(index.shape)
 
 
+def _location_grads(
+    grad_out: torch.Tensor, table: torch.Tensor, index: torch.Tensor, frac: torch.Tensor, attn: torch.Tensor,
+    scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Location and attention gradients ``(..., 2)`` and ``(...)`` of the bilinear samples of a chunk.
+
+    With ``d_ij = <grad_out, value[corner (y_i, x_j)]>`` and the 1-D weights ``(1 - f, f)``:
+    ``d attn = sum_ij ly_i lx_j d_ij`` and ``d f_x = attn * sum_i ly_i (d_i1 - d_i0)`` (likewise for y).
+    """
+    fx, fy = frac
+    dots = _corner_dots(grad_out, table, index.view(grad_out.shape[0], -1)).view(index.shape)
+    d00, d01, d10, d11 = dots.unbind(-1)
+    slope0, slope1 = d01 - d00, d11 - d10  # along x, on the y0 and y1 edges
+    edge0, edge1 = torch.addcmul(d00, slope0, fx), torch.addcmul(d10, slope1, fx)  # interpolated along x
+    slope_y = edge1.sub_(edge0)
+    grad_attn = torch.addcmul(edge0, slope_y, fy)
+    slope_x = torch.addcmul(slope0, slope1.sub_(slope0), fy)
+    grad_loc = attn.new_empty((*attn.shape, 2))
+    torch.mul(slope_x.mul_(attn), scale[0], out=grad_loc[..., 0])
+    torch.mul(slope_y.mul_(attn), scale[1], out=grad_loc[..., 1])
+    return grad_loc, grad_attn
+
+
+def _sort_cells(keys: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of cell keys in ``[0, rows)``: 16-bit keys when they fit, padded to the radix-sort size."""
+    short = rows <= _SHORT_KEYS
+    keys = keys.to(torch.int16 if short else keys.dtype)
+    total = keys.numel()
+    if keys.device.type == "cpu" and _RADIX_SIZE // 6 <= total < _RADIX_SIZE:
+        keys = torch.cat((keys, keys.new_full((_RADIX_SIZE - total,), torch.iinfo(keys.dtype).max)))
+    keys, order = keys.sort(stable=True)
+    return keys[:total], order[:total]
+
+
 def _scatter_cells(
-    grad_table: torch.Tensor, grad_out: torch.Tensor, corners: _Corners, keys: torch.Tensor, samples: int
-) -> None:
-    """``grad_table[corner rows] += weight * grad_out`` for every corner, as per-cell gathers (see module doc)."""
-    keys, order = keys.view(-1).sort(stable=True)
+    grad_out: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bag: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """``grad[index] += weight * grad_out[bag]`` for every corner of a chunk, with gathers only.
+
+    Samples are sorted by cell; one ``embedding_bag`` sums, per corner and cell, the weighted output gradients of the
+    cell's samples, and a second one adds up, per table row, the sums of the cells that have it as a corner.
+
+    Args:
+        grad_out: ``(bags, D)``.
+        index: ``(samples, 4)`` chunk table rows of the samples' corners.
+        weight: ``(4, samples)`` their weights, corner-major.
+        bag: ``(samples,)`` row of ``grad_out`` of each sample (int32 or int64: the dtype of the bag lists).
+        rows: table rows of the chunk.
+
+    Returns:
+        ``(rows, D)`` gradient of the chunk's table rows.
+    """
+    # The top-left corner names the cell; all samples of a cell share its four corner rows.
+    keys, order = _sort_cells(index[:, 0], rows)
     _, counts = torch.unique_consecutive(keys, return_counts=True)
-    ends = counts.cumsum(0)
-    starts = ends - counts
-    bags = order.div(samples, rounding_mode="floor")  # grad_out row (query, head) of each sorted sample
-    weight = corners.weight.view(-1, 4).index_select(0, order).t()
-    # All samples of a cell share its corner rows (and which of them lie outside the map, with zero weight).
-    rows = corners.index.view(-1, 4).index_select(0, order.index_select(0, starts)).t()
-    for role in range(4):
-        sums = F.embedding_bag(bags, grad_out, starts, mode="sum", per_sample_weights=weight[role].contiguous())
-        grad_table.index_add_(0, rows[role], sums)
+    total, cells, device = order.numel(), counts.numel(), keys.device
+    starts = counts.cumsum(0).sub_(counts)
+    # Corner-major bags (corner k, cell c) of the cell's samples weighted by that corner, then one empty bag: the
+    # zero row of table rows that no corner reaches.
+    offsets = torch.cat(((torch.arange(0, 4 * total, total, device=device).view(4, 1) + starts).view(-1),
+                         starts.new_full((1,), 4 * total))).to(bag.dtype)
+    sums = F.embedding_bag(bag.index_select(0, order).repeat(4), grad_out, offsets, mode="sum",
+                           per_sample_weights=weight.index_select(1, order).view(-1))
+    # Row r gathers sums[k * cells + c] for each cell c that has it as corner k (one cell at most per corner).
+    corner_rows = index.index_select(0, order.index_select(0, starts)).long()  # (cells, 4)
+    sources = torch.full((rows, 4), 4 * cells, dtype=bag.dtype, device=device)
+    sources.view(-1)[corner_rows.mul_(4).add_(torch.arange(4, device=device))] = (
+        torch.arange(0, 4 * cells, cells, dtype=bag.dtype, device=device)
+        + torch.arange(cells, dtype=bag.dtype, device=device).view(-1, 1))
+    return F.embedding_bag(sources, sums, mode="sum")
 
 
 def msda_torch_backward(
@@ -265,38 +374,36 @@ def msda_torch_backward(
         the last two are None when ``location_grads`` is False.
     """
     batch, _, heads, head_dim = value.shape
-    queries = sampling_locations.shape[1]
-    samples = sampling_locations.shape[3] * sampling_locations.shape[4]
-    table, geometry, loc, attn = _prepare(value, spatial_shapes, sampling_locations, attention_weights)
-    grad_out = grad_output.reshape(batch * queries, heads, head_dim)
-    grad_table = torch.zeros_like(table)
-    grad_loc = torch.zeros(loc.shape, dtype=table.dtype, device=table.device) if location_grads else None
-    grad_attn = torch.zeros(attn.shape, dtype=table.dtype, device=table.device) if location_grads else None
-    row_bytes = heads * samples * (_SAMPLE_BYTES + 4 * head_dim * table.element_size())
-    out_bytes = grad_out.numel() * table.element_size()
-    for start, stop in _row_chunks(batch * queries if samples else 0, row_bytes, out_bytes):
-        attn_c = attn[start:stop].to(table.dtype)
-        corners = geometry.corners(loc[start:stop], attn_c, start)
-        go = grad_out[start:stop].to(table.dtype).reshape(-1, head_dim)
-        if location_grads:
-            dots = _corner_dots(go, table, corners.index)
-            g = dots.unbind(-1)
-            (x0, y0), (x1, y1) = corners.lerp[0], corners.lerp[1]
-            # d out / d attn = sum_ij lerp_y[i] lerp_x[j] g_ij; d out / d frac_x = attn sum_ij lerp_y[i] slope_x[j] g_ij
-            along_x = [torch.addcmul(g[j] * y0, g[2 + j], y1) for j in range(2)]  # summed over y corners
-            along_y = [torch.addcmul(g[2 * i] * x0, g[2 * i + 1], x1) for i in range(2)]  # summed over x corners
-            torch.addcmul(along_y[0] * y0, along_y[1], y1, out=grad_attn[start:stop])
-            for axis, along in ((0, along_x), (1, along_y)):
-                # The 1-D weights (1 - frac, frac) have slopes (-1, +1) where their corner is inside the map.
-                inside = corners.valid[0][axis], corners.valid[1][axis]
-                slope = torch.where(inside[1], along[1], 0) - torch.where(inside[0], along[0], 0)
-                torch.mul(slope.mul_(attn_c), geometry.scale[axis], out=grad_loc[start:stop, ..., axis])
-        _scatter_cells(grad_table, go, corners, geometry.cell_keys(corners, start), samples)
-    grad_value = grad_table.view(value.shape).to(value.dtype)
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    samples = levels * points
+    dtype = compute_dtype(value.dtype)
+    device = value.device
+    work = samples and batch * queries
+    new = torch.empty if work else torch.zeros  # every element is written when there is work
+    grad_value = new(value.shape, dtype=dtype, device=device)
+    grad_loc = new(sampling_locations.shape, dtype=dtype, device=device) if location_grads else None
+    grad_attn = new(attention_weights.shape, dtype=dtype, device=device) if location_grads else None
+    if work:
+        maps = _Maps(value, spatial_shapes, dtype, queries, samples, backward=True)
+        grad_out = grad_output.view(batch, queries, heads, head_dim)
+        # Row of the chunk's grad_out of each sample.
+        bag = torch.arange(max(maps.blocks(*c) for c in maps.chunks) * queries, dtype=maps.index_dtype, device=device)
+        bag = bag.repeat_interleave(samples)
+        for n0, n1, m0, m1 in maps.chunks:
+            loc = _head_major(sampling_locations, n0, n1, m0, m1, sampling_locations.dtype)
+            attn = _head_major(attention_weights, n0, n1, m0, m1, dtype)
+            go = _head_major(grad_out, n0, n1, m0, m1, dtype).view(-1, head_dim)
+            index, weight, frac = maps.corners(loc, attn, planar_weight=True)
+            table = maps.table(n0, n1, m0, m1)
+            if location_grads:
+                chunk_loc, chunk_attn = _location_grads(go, table, index, frac, attn, maps.scale)
+                grad_loc[n0:n1, :, m0:m1] = chunk_loc.transpose(1, 2)
+                grad_attn[n0:n1, :, m0:m1] = chunk_attn.transpose(1, 2)
+                del chunk_loc, chunk_attn  # before the scatter's temporaries
+            grad = _scatter_cells(go, index.view(-1, 4), weight.movedim(-1, 0).view(4, -1),
+                                  bag[:go.shape[0] * samples], table.shape[0])
+            maps.unpad(grad_value[n0:n1, :, m0:m1], grad.view(n1 - n0, maps.positions, m1 - m0, head_dim))
+    grad_value = grad_value.to(value.dtype)
     if not location_grads:
         return grad_value, None, None
-    return (
-        grad_value,
-        grad_loc.view(sampling_locations.shape).to(sampling_locations.dtype),
-        grad_attn.view(attention_weights.shape).to(attention_weights.dtype),
-    )
+    return grad_value, grad_loc.to(sampling_locations.dtype), grad_attn.to(attention_weights.dtype)

@@ -235,10 +235,12 @@ def test_non_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_points_invalid(backend):
-    """Points entirely outside every map (and NaN ones) read nothing: zero output and zero gradients."""
+    """Points entirely outside every map (and non-finite ones) read nothing: zero output and zero gradients."""
     shapes = [(3, 4), (2, 2)]
     value, loc, attn = make_inputs(1, 6, 2, 5, shapes, 3, low=1.6, high=3.0)
     loc[:, :2] = -loc[:, :2]
+    loc[:, 4, :, :, 0] = float("inf")
+    loc[:, 4, :, :, 1] = -float("inf")
     loc[:, 5] = float("nan")
     grad_output = torch.ones(1, 6, 10, dtype=torch.float64, device=DEVICE)
     out, gv, gl, ga = grads(run(backend, shapes), value, loc, attn, grad_output)
@@ -275,15 +277,34 @@ def test_torch_forward_autograd_matches_custom_backward():
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
-def test_torch_path_chunks(monkeypatch):
-    """Chunk boundaries (forced tiny) do not change results."""
+@pytest.mark.parametrize("chunk_samples, short_keys, radix_size", [
+    (1, 1 << 15, 1 << 15),  # one map (one head of one image) per chunk
+    (60, 1 << 15, 1 << 15),  # two of the three heads per chunk: uneven head splits
+    (1 << 17, 1, 1 << 15),  # the whole batch in one chunk, 32-bit sort keys
+    (1, 1 << 15, 64),  # sort keys padded to a (patched) radix-sort size
+])
+def test_torch_path_chunks(monkeypatch, chunk_samples, short_keys, radix_size):
+    """Chunking, sort key widths and padding do not change results."""
     shapes = [(4, 5), (3, 2)]
-    value, loc, attn = make_inputs(3, 7, 2, 4, shapes, 2)
-    grad_output = torch.randn(3, 7, 8, dtype=torch.float64, device=DEVICE)
-    whole = grads(run("torch", shapes), value, loc, attn, grad_output)
-    monkeypatch.setattr("piip_models.kernels.msda_torch._CHUNK_BYTES", 1)
-    for a, e in zip(grads(run("torch", shapes), value, loc, attn, grad_output), whole):
-        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13)
+    value, loc, attn = make_inputs(3, 7, 3, 4, shapes, 2)
+    grad_output = torch.randn(3, 7, 12, dtype=torch.float64, device=DEVICE)
+    expected = grads(lambda v, lo, a: reference(v, shapes, lo, a), value, loc, attn, grad_output)
+    monkeypatch.setattr("piip_models.kernels.msda_torch._CHUNK_SAMPLES", chunk_samples)
+    monkeypatch.setattr("piip_models.kernels.msda_torch._SHORT_KEYS", short_keys)
+    monkeypatch.setattr("piip_models.kernels.msda_torch._RADIX_SIZE", radix_size)
+    for a, e in zip(grads(run("torch", shapes), value, loc, attn, grad_output), expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_path_float64_corner_rows(monkeypatch):
+    """Maps too large for exact float32 arithmetic on table rows compute them in float64: same rows, same results."""
+    shapes = [(4, 5), (3, 2)]
+    value, loc, attn = make_inputs(2, 7, 3, 4, shapes, 2, dtype=torch.float32)
+    grad_output = torch.randn(2, 7, 12, device=DEVICE)
+    expected = grads(run("torch", shapes), value, loc, attn, grad_output)
+    monkeypatch.setattr("piip_models.kernels.msda_torch._EXACT_ROWS", 1)
+    for a, e in zip(grads(run("torch", shapes), value, loc, attn, grad_output), expected):
+        assert torch.equal(a, e)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
