@@ -160,12 +160,10 @@ def windowed_attention(
     heads, head_dim = attn.num_heads, attn.head_dim
     tokens = x.view(batch, grid[0], grid[1], channels)
     rel_pos = isinstance(attn, WindowRelPosAttention)
-    if rel_pos and grid != (window, window):
+    if rel_pos and padding == "before_qkv" and grid != (window, window):
         # The module defines attention on one window: call it per window, so that it runs (and hooks see it) as
         # a module.
         attn.check_window(window)
-        if padding != "before_qkv":
-            raise ValueError("relative-position windows pad before the qkv projection, as the official BEiT does")
         windows, padded_h, padded_w = _partition(tokens, window)
         out = _unpartition(attn(windows), window, batch, (padded_h, padded_w), grid)
         return out.reshape(batch, grid[0] * grid[1], -1)
