@@ -5,7 +5,8 @@ Rows per shape: the ``grid_sample`` reference (the Deformable-DETR / PIIP PyTorc
 read "n/a (no CUDA)" elsewhere). Columns: forward / backward / forward+backward medians (backward = difference),
 peak memory of forward and of forward+backward (bytes allocated above the inputs), effective bandwidth of the
 compulsory bytes and, on a known GPU, the % of the HBM floor reached. Shapes: the four PIIP interaction shapes and
-the Deformable-DETR encoder (survey section 6).
+the Deformable-DETR encoder (survey section 6). On the CPU the paths of a shape are timed round-robin, repetition by
+repetition, so the ratios stay fair on a machine whose speed drifts.
 
     python benchmarks/msda.py --quick          # CPU: batch 2, a few minutes on 2 cores
     python benchmarks/msda.py --batch 2 8      # GPU default
@@ -80,26 +81,31 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def _median_ms(fn: Callable[[], object], reps: int, warmup: int, device: str) -> float:
-    for _ in range(warmup):
-        fn()
+def _median_ms(fns: list[Callable[[], object]], reps: int, warmup: int, device: str) -> list[float]:
+    """Median time of each function (ms). On CUDA, ``triton.testing.do_bench`` per function when Triton imports. On
+    the CPU the repetitions run round-robin over the functions, so that a shared machine's changing speed slows
+    every path alike and the ratios stay fair."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     if device == "cuda":
         try:
             from triton.testing import do_bench
 
-            return float(do_bench(fn, warmup=25, rep=max(100, reps), return_mode="median"))
+            return [float(do_bench(fn, warmup=25, rep=max(100, reps), return_mode="median")) for fn in fns]
         except ImportError:
             pass
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for fn, fn_times in zip(fns, times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) * 1e3 for t in times]
 
 
 def _peak_mib(fn: Callable[[], object], device: str) -> float:
@@ -139,7 +145,8 @@ def _hbm_tbps(device: str) -> float | None:
     return next((tbps for key, tbps in HBM_TBPS.items() if key in name), None)
 
 
-def bench_path(path: str, fn, inputs, reps: int, warmup: int, device: str, hbm: float | None) -> Row:
+def _closures(fn: Callable, inputs) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Forward (no grad) and forward+backward of ``fn`` on fresh leaves of ``inputs``."""
     shapes, value, loc, attn, grad = inputs
     leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
 
@@ -150,41 +157,51 @@ def bench_path(path: str, fn, inputs, reps: int, warmup: int, device: str, hbm: 
     def forward_backward():
         return torch.autograd.grad(fn(leaves[0], shapes, leaves[1], leaves[2]), leaves, grad)
 
-    row = Row(shape="", batch=value.shape[0], path=path)
-    row.fwd_ms = _median_ms(forward, reps, warmup, device)
-    row.fwd_bwd_ms = _median_ms(forward_backward, reps, warmup, device)
-    # Compiled graphs donate buffers (no retain_graph), so the backward is timed as the difference.
-    row.bwd_ms = row.fwd_bwd_ms - row.fwd_ms
-    row.fwd_peak_mib = _peak_mib(forward, device)
-    row.fwd_bwd_peak_mib = _peak_mib(forward_backward, device)
-    fwd_bytes, total_bytes = _compulsory_bytes(value, loc, attn, grad)
-    row.fwd_gbps = fwd_bytes / row.fwd_ms / 1e6
-    row.fwd_bwd_gbps = total_bytes / row.fwd_bwd_ms / 1e6
-    if hbm is not None:
-        row.fwd_pct_hbm = 100 * row.fwd_gbps / (hbm * 1e3)
-        row.fwd_bwd_pct_hbm = 100 * row.fwd_bwd_gbps / (hbm * 1e3)
-    return row
+    return forward, forward_backward
+
+
+def bench_paths(name: str, paths: list[tuple[str, Callable | None, str]], inputs, reps: int, warmup: int,
+                device: str, hbm: float | None) -> list[Row]:
+    """One row per path (``fn`` None: a row with only its note); the paths are timed side by side."""
+    value = inputs[1]
+    rows = [Row(shape=name, batch=value.shape[0], path=path, note=note) for path, _, note in paths]
+    timed = [(row, _closures(fn, inputs)) for row, (_, fn, _) in zip(rows, paths) if fn is not None]
+    fwd_ms = _median_ms([forward for _, (forward, _) in timed], reps, warmup, device)
+    fwd_bwd_ms = _median_ms([forward_backward for _, (_, forward_backward) in timed], reps, warmup, device)
+    fwd_bytes, total_bytes = _compulsory_bytes(*inputs[1:])
+    for (row, (forward, forward_backward)), fwd, fwd_bwd in zip(timed, fwd_ms, fwd_bwd_ms):
+        row.fwd_ms, row.fwd_bwd_ms = fwd, fwd_bwd
+        # Compiled graphs donate buffers (no retain_graph), so the backward is timed as the difference.
+        row.bwd_ms = fwd_bwd - fwd
+        row.fwd_peak_mib = _peak_mib(forward, device)
+        row.fwd_bwd_peak_mib = _peak_mib(forward_backward, device)
+        row.fwd_gbps = fwd_bytes / fwd / 1e6
+        row.fwd_bwd_gbps = total_bytes / fwd_bwd / 1e6
+        if hbm is not None:
+            row.fwd_pct_hbm = 100 * row.fwd_gbps / (hbm * 1e3)
+            row.fwd_bwd_pct_hbm = 100 * row.fwd_bwd_gbps / (hbm * 1e3)
+    return rows
 
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="batch 2 (encoder 1 on CPU), 3 repetitions, no compiled reference: minutes on 2 CPU cores")
+                        help="batch 2 (encoder 1 on CPU), 5 repetitions, no compiled reference: minutes on 2 CPU cores")
     parser.add_argument("--batch", type=int, nargs="+", help="PIIP batch sizes (default 2 8 on CUDA, 2 on CPU)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--reps", type=int, help="timed repetitions (default 100 on CUDA, 5 on CPU, 3 with --quick)")
+    parser.add_argument("--reps", type=int, help="timed repetitions (default 100 on CUDA, 9 on CPU, 5 with --quick)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--json", type=Path, help="output file (default benchmarks/out/msda_<device>.json)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batches = args.batch or ([2] if device == "cpu" or args.quick else [2, 8])
-    reps = args.reps or (100 if device == "cuda" else 3 if args.quick else 5)
+    reps = args.reps or (100 if device == "cuda" else 5 if args.quick else 9)
     dtype = getattr(torch, args.dtype)
     hbm = _hbm_tbps(device)
 
@@ -215,14 +232,10 @@ def main() -> None:
         for batch in ([1 if args.quick and device == "cpu" else 2] if name == "detr-enc" else batches):
             inputs = make_inputs(name, batch, dtype, device)
             torch.compiler.reset()  # compiled rows of earlier shapes count towards the recompile limit
-            for path, fn, note in paths:
-                if fn is None:
-                    row = Row(shape=name, batch=batch, path=path, note=note)
-                else:
-                    row = bench_path(path, fn(), inputs, reps, 1, device, hbm)
-                    row.shape = name
+            built = [(path, None if factory is None else factory(), note) for path, factory, note in paths]
+            for row in bench_paths(name, built, inputs, reps, 1, device, hbm):
                 rows.append(row)
-                print(f"  {name} b{batch} {path}: fwd+bwd {_fmt(row.fwd_bwd_ms)} ms", flush=True)
+                print(f"  {name} b{batch} {row.path}: fwd+bwd {_fmt(row.fwd_bwd_ms)} ms", flush=True)
             del inputs
             if device == "cuda":
                 torch.cuda.empty_cache()

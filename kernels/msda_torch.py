@@ -18,10 +18,11 @@ Backward (recomputes the corners; the forward saves only its inputs):
 
 * location and attention gradients come from the dot products ``<grad_out, value[corner]>`` of every corner, one
   ``sampled_addmm`` (SDDMM) per chunk;
-* the value gradient is a scatter, which ATen only runs element by element. It is turned into gathers: samples are
-  sorted by the 2x2 cell they read, one ``embedding_bag`` sums the weighted output gradients of each cell's samples
-  for each of its corners, and a second one gathers for each table row the sums of the (at most four) cells that
-  have it as a corner.
+* the value gradient is a scatter, which ATen only runs element by element. It is turned into gathers. Where
+  samples share cells (at least ``_SHARED_CELLS`` samples per table row), samples are sorted by the 2x2 cell they
+  read, one ``embedding_bag`` sums the weighted output gradients of each cell's samples for each of its corners, and
+  a second one gathers for each table row the sums of the (at most four) cells that have it as a corner. Sparser
+  chunks (few queries on a large map) sort the corners themselves by table row and need one ``embedding_bag``.
 
 Every step has a fixed summation order, so the backward is deterministic on CPU and CUDA.
 """
@@ -48,6 +49,8 @@ _MIN_CHUNK_BYTES, _MAX_CHUNK_BYTES = 4 << 20, 32 << 20
 _SAMPLE_BYTES = (64, 112)
 # Sort keys below this bound are int16, which ATen's radix sort orders in two passes instead of four.
 _SHORT_KEYS = 1 << 15
+# Chunks with at least this many samples per table row sum the gradients of samples sharing a cell first.
+_SHARED_CELLS = 1.5
 # float32 holds integers exactly below this bound: chunks of fewer table rows compute corner rows in float32.
 _EXACT_ROWS = 1 << 24
 # ATen sorts 1-D integer tensors with a radix sort from this size on (its GRAIN_SIZE), smaller ones with std::sort,
@@ -302,7 +305,7 @@ def _location_grads(
 
 
 def _sort_cells(keys: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable sort of cell keys in ``[0, rows)``: 16-bit keys when they fit, padded to the radix-sort size."""
+    """Stable sort of keys in ``[0, rows)``: 16-bit keys when they fit, padded to the radix-sort size."""
     short = rows <= _SHORT_KEYS
     keys = keys.to(torch.int16 if short else keys.dtype)
     total = keys.numel()
@@ -315,7 +318,8 @@ def _sort_cells(keys: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
 def _scatter_cells(
     grad_out: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bag: torch.Tensor, rows: int
 ) -> torch.Tensor:
-    """``grad[index] += weight * grad_out[bag]`` for every corner of a chunk, with gathers only.
+    """``grad[index] += weight * grad_out[bag]`` for every corner of a chunk whose cells are shared by several
+    samples, with gathers only.
 
     Samples are sorted by cell; one ``embedding_bag`` sums, per corner and cell, the weighted output gradients of the
     cell's samples, and a second one adds up, per table row, the sums of the cells that have it as a corner.
@@ -348,6 +352,29 @@ def _scatter_cells(
         torch.arange(0, 4 * cells, cells, dtype=bag.dtype, device=device)
         + torch.arange(cells, dtype=bag.dtype, device=device).view(-1, 1))
     return F.embedding_bag(sources, sums, mode="sum")
+
+
+def _scatter_corners(
+    grad_out: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bag: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """``grad[index] += weight * grad_out[bag]`` for every corner of a chunk whose samples mostly read cells of their
+    own: corners sorted by table row, one ``embedding_bag`` with a bag per row.
+
+    Args:
+        grad_out: ``(bags, D)``.
+        index: ``(samples, 4)`` chunk table rows of the samples' corners.
+        weight: ``(samples, 4)`` their weights.
+        bag: ``(samples,)`` row of ``grad_out`` of each sample (int32 or int64: the dtype of the bag lists).
+        rows: table rows of the chunk.
+
+    Returns:
+        ``(rows, D)`` gradient of the chunk's table rows.
+    """
+    keys, order = _sort_cells(index.reshape(-1), rows)
+    # searchsorted, unlike bincount, is deterministic on CUDA.
+    offsets = torch.searchsorted(keys, torch.arange(rows, dtype=keys.dtype, device=keys.device)).to(bag.dtype)
+    return F.embedding_bag(bag.index_select(0, order.div(4, rounding_mode="floor")), grad_out, offsets, mode="sum",
+                           per_sample_weights=weight.reshape(-1).index_select(0, order))
 
 
 def msda_torch_backward(
@@ -393,15 +420,20 @@ def msda_torch_backward(
             loc = _head_major(sampling_locations, n0, n1, m0, m1, sampling_locations.dtype)
             attn = _head_major(attention_weights, n0, n1, m0, m1, dtype)
             go = _head_major(grad_out, n0, n1, m0, m1, dtype).view(-1, head_dim)
-            index, weight, frac = maps.corners(loc, attn, planar_weight=True)
             table = maps.table(n0, n1, m0, m1)
+            shared = attn.numel() >= _SHARED_CELLS * table.shape[0]
+            index, weight, frac = maps.corners(loc, attn, planar_weight=shared)
             if location_grads:
                 chunk_loc, chunk_attn = _location_grads(go, table, index, frac, attn, maps.scale)
                 grad_loc[n0:n1, :, m0:m1] = chunk_loc.transpose(1, 2)
                 grad_attn[n0:n1, :, m0:m1] = chunk_attn.transpose(1, 2)
                 del chunk_loc, chunk_attn  # before the scatter's temporaries
-            grad = _scatter_cells(go, index.view(-1, 4), weight.movedim(-1, 0).view(4, -1),
-                                  bag[:go.shape[0] * samples], table.shape[0])
+            chunk_bag = bag[:go.shape[0] * samples]
+            if shared:
+                grad = _scatter_cells(go, index.view(-1, 4), weight.movedim(-1, 0).view(4, -1), chunk_bag,
+                                      table.shape[0])
+            else:
+                grad = _scatter_corners(go, index.view(-1, 4), weight, chunk_bag, table.shape[0])
             maps.unpad(grad_value[n0:n1, :, m0:m1], grad.view(n1 - n0, maps.positions, m1 - m0, head_dim))
     grad_value = grad_value.to(value.dtype)
     if not location_grads:

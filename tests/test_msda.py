@@ -277,14 +277,15 @@ def test_torch_forward_autograd_matches_custom_backward():
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shared_cells", [0.0, float("inf")], ids=["cell-sums", "corner-sort"])
 @pytest.mark.parametrize("chunk_samples, short_keys, radix_size", [
     (1, 1 << 15, 1 << 15),  # one map (one head of one image) per chunk
     (60, 1 << 15, 1 << 15),  # two of the three heads per chunk: uneven head splits
     (1 << 17, 1, 1 << 15),  # the whole batch in one chunk, 32-bit sort keys
     (1, 1 << 15, 64),  # sort keys padded to a (patched) radix-sort size
 ])
-def test_torch_path_chunks(monkeypatch, chunk_samples, short_keys, radix_size):
-    """Chunking, sort key widths and padding do not change results."""
+def test_torch_path_chunks(monkeypatch, chunk_samples, short_keys, radix_size, shared_cells):
+    """Chunking, sort key widths, padding and either value-gradient scatter do not change results."""
     shapes = [(4, 5), (3, 2)]
     value, loc, attn = make_inputs(3, 7, 3, 4, shapes, 2)
     grad_output = torch.randn(3, 7, 12, dtype=torch.float64, device=DEVICE)
@@ -292,6 +293,7 @@ def test_torch_path_chunks(monkeypatch, chunk_samples, short_keys, radix_size):
     monkeypatch.setattr("piip_models.kernels.msda_torch._CHUNK_SAMPLES", chunk_samples)
     monkeypatch.setattr("piip_models.kernels.msda_torch._SHORT_KEYS", short_keys)
     monkeypatch.setattr("piip_models.kernels.msda_torch._RADIX_SIZE", radix_size)
+    monkeypatch.setattr("piip_models.kernels.msda_torch._SHARED_CELLS", shared_cells)
     for a, e in zip(grads(run("torch", shapes), value, loc, attn, grad_output), expected):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
@@ -353,8 +355,10 @@ def deterministic():
     torch.use_deterministic_algorithms(previous)
 
 
+@pytest.mark.parametrize("shared_cells", [0.0, float("inf")], ids=["cell-sums", "corner-sort"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic_backward_is_bitwise_repeatable(backend, deterministic):
+def test_deterministic_backward_is_bitwise_repeatable(backend, deterministic, monkeypatch, shared_cells):
+    monkeypatch.setattr("piip_models.kernels.msda_torch._SHARED_CELLS", shared_cells)
     shapes = [(3, 4), (2, 3)]
     # Many queries on a tiny map: every pixel receives many contributions in the value gradient.
     value, loc, attn = make_inputs(2, 24, 2, 5, shapes, 4, dtype=torch.float32)

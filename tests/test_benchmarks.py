@@ -1,0 +1,39 @@
+"""``benchmarks/msda.py`` end to end on the CPU: every path gets a row, timed side by side, with its ratios."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "msda.py"
+
+
+def load_benchmark(monkeypatch) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("msda_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_msda_benchmark_rows_and_ratios(tmp_path, monkeypatch, one_thread, capsys):
+    out = tmp_path / "msda.json"
+    args = ["--shapes", "piip-D", "--batch", "1", "--reps", "2", "--no-compile", "--json", str(out)]
+    load_benchmark(monkeypatch).main(args)
+    rows = {row["path"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"grid_sample reference (eager)", "torch path (eager)", "triton (eager)"}
+    assert rows["triton (eager)"]["note"] == "n/a (no CUDA)" and rows["triton (eager)"]["fwd_ms"] is None
+    reference, ours = rows["grid_sample reference (eager)"], rows["torch path (eager)"]
+    for row in (reference, ours):
+        assert row["shape"] == "piip-D" and row["batch"] == 1
+        assert 0 < row["fwd_ms"] < row["fwd_bwd_ms"]
+        assert abs(row["bwd_ms"] - (row["fwd_bwd_ms"] - row["fwd_ms"])) < 1e-9
+        assert row["fwd_bwd_peak_mib"] > 0 and row["fwd_gbps"] > 0
+    # The PyTorch path never materialises the sampled values: its peak is a fraction of the reference's.
+    assert ours["extra"]["fwd_bwd_peak_ratio"] > 2
+    assert ours["extra"]["fwd_bwd_speedup"] == reference["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+    table = capsys.readouterr().out
+    assert "vs ref: f+b time / f+b mem" in table and f"{ours['extra']['fwd_bwd_peak_ratio']:.1f}x less" in table
