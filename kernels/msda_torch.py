@@ -316,19 +316,19 @@ def _sort_cells(keys: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _scatter_cells(
-    grad_out: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bag: torch.Tensor, rows: int
+    grad_out: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, samples: int, rows: int
 ) -> torch.Tensor:
-    """``grad[index] += weight * grad_out[bag]`` for every corner of a chunk whose cells are shared by several
-    samples, with gathers only.
+    """``grad[index] += weight * grad_out[sample // samples]`` for every corner of a chunk whose cells are shared by
+    several samples, with gathers only.
 
     Samples are sorted by cell; one ``embedding_bag`` sums, per corner and cell, the weighted output gradients of the
     cell's samples, and a second one adds up, per table row, the sums of the cells that have it as a corner.
 
     Args:
         grad_out: ``(bags, D)``.
-        index: ``(samples, 4)`` chunk table rows of the samples' corners.
-        weight: ``(4, samples)`` their weights, corner-major.
-        bag: ``(samples,)`` row of ``grad_out`` of each sample (int32 or int64: the dtype of the bag lists).
+        index: ``(bags * samples, 4)`` chunk table rows of the samples' corners, bag-major.
+        weight: ``(4, bags * samples)`` their weights, corner-major.
+        samples: samples per bag (``L * P``).
         rows: table rows of the chunk.
 
     Returns:
@@ -342,29 +342,30 @@ def _scatter_cells(
     # Corner-major bags (corner k, cell c) of the cell's samples weighted by that corner, then one empty bag: the
     # zero row of table rows that no corner reaches.
     offsets = torch.cat(((torch.arange(0, 4 * total, total, device=device).view(4, 1) + starts).view(-1),
-                         starts.new_full((1,), 4 * total))).to(bag.dtype)
-    sums = F.embedding_bag(bag.index_select(0, order).repeat(4), grad_out, offsets, mode="sum",
+                         starts.new_full((1,), 4 * total))).to(index.dtype)
+    bag = order.to(index.dtype).div_(samples, rounding_mode="floor")
+    sums = F.embedding_bag(bag.repeat(4), grad_out, offsets, mode="sum",
                            per_sample_weights=weight.index_select(1, order).view(-1))
     # Row r gathers sums[k * cells + c] for each cell c that has it as corner k (one cell at most per corner).
     corner_rows = index.index_select(0, order.index_select(0, starts)).long()  # (cells, 4)
-    sources = torch.full((rows, 4), 4 * cells, dtype=bag.dtype, device=device)
+    sources = torch.full((rows, 4), 4 * cells, dtype=index.dtype, device=device)
     sources.view(-1)[corner_rows.mul_(4).add_(torch.arange(4, device=device))] = (
-        torch.arange(0, 4 * cells, cells, dtype=bag.dtype, device=device)
-        + torch.arange(cells, dtype=bag.dtype, device=device).view(-1, 1))
+        torch.arange(0, 4 * cells, cells, dtype=index.dtype, device=device)
+        + torch.arange(cells, dtype=index.dtype, device=device).view(-1, 1))
     return F.embedding_bag(sources, sums, mode="sum")
 
 
 def _scatter_corners(
-    grad_out: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bag: torch.Tensor, rows: int
+    grad_out: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, samples: int, rows: int
 ) -> torch.Tensor:
-    """``grad[index] += weight * grad_out[bag]`` for every corner of a chunk whose samples mostly read cells of their
-    own: corners sorted by table row, one ``embedding_bag`` with a bag per row.
+    """``grad[index] += weight * grad_out[sample // samples]`` for every corner of a chunk whose samples mostly read
+    cells of their own: corners sorted by table row, one ``embedding_bag`` with a bag per row.
 
     Args:
         grad_out: ``(bags, D)``.
-        index: ``(samples, 4)`` chunk table rows of the samples' corners.
-        weight: ``(samples, 4)`` their weights.
-        bag: ``(samples,)`` row of ``grad_out`` of each sample (int32 or int64: the dtype of the bag lists).
+        index: ``(bags * samples, 4)`` chunk table rows of the samples' corners, bag-major.
+        weight: ``(bags * samples, 4)`` their weights.
+        samples: samples per bag (``L * P``).
         rows: table rows of the chunk.
 
     Returns:
@@ -372,8 +373,8 @@ def _scatter_corners(
     """
     keys, order = _sort_cells(index.reshape(-1), rows)
     # searchsorted, unlike bincount, is deterministic on CUDA.
-    offsets = torch.searchsorted(keys, torch.arange(rows, dtype=keys.dtype, device=keys.device)).to(bag.dtype)
-    return F.embedding_bag(bag.index_select(0, order.div(4, rounding_mode="floor")), grad_out, offsets, mode="sum",
+    offsets = torch.searchsorted(keys, torch.arange(rows, dtype=keys.dtype, device=keys.device))
+    return F.embedding_bag(order.div(4 * samples, rounding_mode="floor"), grad_out, offsets, mode="sum",
                            per_sample_weights=weight.reshape(-1).index_select(0, order))
 
 
@@ -413,9 +414,6 @@ def msda_torch_backward(
     if work:
         maps = _Maps(value, spatial_shapes, dtype, queries, samples, backward=True)
         grad_out = grad_output.view(batch, queries, heads, head_dim)
-        # Row of the chunk's grad_out of each sample.
-        bag = torch.arange(max(maps.blocks(*c) for c in maps.chunks) * queries, dtype=maps.index_dtype, device=device)
-        bag = bag.repeat_interleave(samples)
         for n0, n1, m0, m1 in maps.chunks:
             loc = _head_major(sampling_locations, n0, n1, m0, m1, sampling_locations.dtype)
             attn = _head_major(attention_weights, n0, n1, m0, m1, dtype)
@@ -428,12 +426,11 @@ def msda_torch_backward(
                 grad_loc[n0:n1, :, m0:m1] = chunk_loc.transpose(1, 2)
                 grad_attn[n0:n1, :, m0:m1] = chunk_attn.transpose(1, 2)
                 del chunk_loc, chunk_attn  # before the scatter's temporaries
-            chunk_bag = bag[:go.shape[0] * samples]
             if shared:
-                grad = _scatter_cells(go, index.view(-1, 4), weight.movedim(-1, 0).view(4, -1), chunk_bag,
+                grad = _scatter_cells(go, index.view(-1, 4), weight.movedim(-1, 0).view(4, -1), samples,
                                       table.shape[0])
             else:
-                grad = _scatter_corners(go, index.view(-1, 4), weight, chunk_bag, table.shape[0])
+                grad = _scatter_corners(go, index.view(-1, 4), weight, samples, table.shape[0])
             maps.unpad(grad_value[n0:n1, :, m0:m1], grad.view(n1 - n0, maps.positions, m1 - m0, head_dim))
     grad_value = grad_value.to(value.dtype)
     if not location_grads:
