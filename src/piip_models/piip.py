@@ -634,9 +634,7 @@ class PIIP(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         keep = sorted(take_indices)
         if self.fpn is not None and not self.tap_stages:
-            names = list(self.fpn.keys())
-            self.fpn = nn.ModuleDict({names[i]: self.fpn[names[i]] for i in keep})
-            self.feature_info = [self.feature_info[i] for i in keep]
+            self._keep_taps(keep)
             return self._prune_head(list(range(len(keep))), prune_head)
         last_stage = max_index
         if self.tap_stages:
@@ -649,11 +647,8 @@ class PIIP(nn.Module):
                 for key in list(self.stage_merges):
                     if int(key) not in kept[:-1]:
                         del self.stage_merges[key], self.stage_branch_weights[key]
-            if self.fpn is not None:
-                names = list(self.fpn.keys())
-                self.fpn = nn.ModuleDict({names[i]: self.fpn[names[i]] for i in keep})
+            self._keep_taps(keep)
             self.tap_stages = tuple(kept)
-            self.feature_info = [self.feature_info[i] for i in keep]
             self.num_features = self.head_hidden_size = self.stage_dims[last_stage][0]
             take_indices = list(range(len(keep)))
         self.interactions = self.interactions[:last_stage + 1]
@@ -661,6 +656,13 @@ class PIIP(nn.Module):
         for adapter, branch, segs in zip(self._adapters, self.branches, self.segments):
             adapter.prune(branch, segs[-1][1] + 1, prune_norm)
         return self._prune_head(take_indices, prune_head)
+
+    def _keep_taps(self, keep: list[int]) -> None:
+        """Keeps only the feature taps ``keep`` (indices into ``feature_info``) and their pyramid levels."""
+        if self.fpn is not None:
+            names = list(self.fpn.keys())
+            self.fpn = nn.ModuleDict({names[i]: self.fpn[names[i]] for i in keep})
+        self.feature_info = [self.feature_info[i] for i in keep]
 
     def _prune_head(self, take_indices: list[int], prune_head: bool) -> list[int]:
         if prune_head:
