@@ -115,8 +115,9 @@ def _clip(name: str, img_size: int, pretrain_size: int, num_segments: int) -> Br
 def _llava(
     variant: str, branches: tuple[BranchCfg, BranchCfg], pretrained: bool, kwargs: dict[str, Any], llm_dim: int = 4096
 ) -> PIIPLlava:
-    return _create_piip(variant, pretrained, model_cls=PIIPLlava, **dict(dict(branches=branches, llm_dim=llm_dim),
-                                                                         **kwargs))
+    # llm_dim is the tower's default; a caller's llm_dim= overrides it
+    model_kwargs = {"branches": branches, "llm_dim": llm_dim, **kwargs}
+    return _create_piip(variant, pretrained, model_cls=PIIPLlava, **model_kwargs)
 
 
 def _convnext_clip_l_1024_336(
