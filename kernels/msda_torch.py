@@ -49,7 +49,8 @@ _MIN_CHUNK_BYTES, _MAX_CHUNK_BYTES = 4 << 20, 32 << 20
 _SAMPLE_BYTES = (64, 112)
 # Sort keys below this bound are int16, which ATen's radix sort orders in two passes instead of four.
 _SHORT_KEYS = 1 << 15
-# Chunks with at least this many samples per table row sum the gradients of samples sharing a cell first.
+# Chunks with at least this many samples per table row sum the samples of each cell (one sort key per sample); sparser
+# ones sort the corners themselves (four keys per sample, but no per-cell sums).
 _SHARED_CELLS = 1.5
 # float32 holds integers exactly below this bound: chunks of fewer table rows compute corner rows in float32.
 _EXACT_ROWS = 1 << 24
@@ -90,8 +91,8 @@ class _Maps:
         self._shape = (0, 0)
         levels = len(shapes)
         # Per level, shaped to broadcast against (n, m, Lq, L, P) samples.
-        self.scale = torch.tensor([[w for _, w in shapes], [h for h, _ in shapes]], dtype=dtype, device=device)
-        self.scale = self.scale.view(2, 1, 1, 1, levels, 1)
+        self.sizes = ([w for _, w in shapes], [h for h, _ in shapes])
+        self.scale = torch.tensor(self.sizes, dtype=dtype, device=device).view(2, 1, 1, 1, levels, 1)
         self.lower = torch.tensor(-float(_PAD), dtype=dtype, device=device)
         self.row_stride = torch.tensor([wp for _, wp in self.padded], dtype=self.index_float, device=device)
         self.row_stride = self.row_stride.view(levels, 1)
@@ -160,61 +161,82 @@ class _Maps:
         for inner, target in self._interiors(padded, natural):
             target.copy_(inner)
 
-    def corners(
-        self, loc: torch.Tensor, attn: torch.Tensor, planar_weight: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Bilinear corners of the samples of a chunk.
+    def cells(self, loc: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bilinear cells of the samples of a chunk.
 
         Args:
             loc: ``(n, m, Lq, L, P, 2)`` locations of the chunk's maps.
-            attn: ``(n, m, Lq, L, P)`` attention weights, in the table dtype.
-            planar_weight: store ``weight`` corner-major, the layout in which the backward reorders it by cell.
+            dtype: coordinate dtype (the table dtype).
 
         Returns:
-            ``index`` ``(n, m, Lq, L, P, 4)``: rows of the corners ``(y_i, x_j)`` at ``2 * i + j`` in the chunk's
-            table;
-            ``weight`` ``(n, m, Lq, L, P, 4)``: attention times bilinear weight of each corner (a view of a
-            contiguous ``(4, n, m, Lq, L, P)`` tensor with ``planar_weight``);
+            ``cell`` ``(n, m, Lq, L, P)``: table row of the top-left corner of each sample's 2x2 cell;
             ``frac`` ``(2, n, m, Lq, L, P)``: ``(x, y)`` position inside the cell.
         """
         images, heads = loc.shape[:2]
-        device, dtype = loc.device, attn.dtype
+        device = loc.device
         # Row of pixel (0, 0) of image i, head j, level l: (i * S' + origin_l) * m + j.
         image = torch.arange(images, device=device, dtype=self.index_float).view(-1, 1, 1, 1, 1) * self.positions
         head = torch.arange(heads, device=device, dtype=self.index_float).view(-1, 1, 1, 1)
         origin = (image + self.level_origin).mul_(heads) + head
-        row_stride = self.row_stride * heads
+        xy = loc.movedim(-1, 0)
         # out= and in-place ops skip allocations but are not differentiable; autograd only runs here on export paths.
-        differentiable = torch.is_grad_enabled() and (loc.requires_grad or attn.requires_grad)
-        xy = loc.movedim(-1, 0).to(dtype)
-        if differentiable:
-            pixel = torch.clamp(torch.nan_to_num(xy * self.scale - 0.5, nan=-float(_PAD)), self.lower, self.scale)
+        if torch.is_grad_enabled() and loc.requires_grad:
+            pixel = torch.nan_to_num(xy.to(dtype) * self.scale - 0.5, nan=-float(_PAD))
+            pixel = torch.clamp(pixel, self.lower, self.scale)
             base = pixel.floor()
             frac = pixel - base
         else:
-            pixel = torch.mul(xy, self.scale).sub_(0.5).nan_to_num_(nan=-float(_PAD)).clamp_min_(-float(_PAD))
-            torch.minimum(pixel, self.scale, out=pixel)
+            # Per axis and level with Python scalars: ATen vectorises these, not ops broadcasting a scale tensor.
+            pixel = torch.empty(xy.shape, dtype=dtype, device=device)
+            for axis, sizes in enumerate(self.sizes):
+                for level, size in enumerate(sizes):
+                    plane = pixel[axis, ..., level, :]
+                    torch.mul(xy[axis, ..., level, :], size, out=plane)
+                    plane.sub_(0.5).nan_to_num_(nan=-float(_PAD)).clamp_(-float(_PAD), size)
             base = pixel.floor()
             frac = pixel.sub_(base)
-        cell = torch.add(origin, base[0], alpha=heads).addcmul_(base[1], row_stride).to(self.index_dtype)
+        cell = torch.add(origin, base[0], alpha=heads).addcmul_(base[1], self.row_stride * heads)
+        return cell.to(self.index_dtype), frac
+
+    def corner_rows(self, cell: torch.Tensor) -> torch.Tensor:
+        """Table rows ``(..., 4)`` of the corners ``(y_i, x_j)`` at ``2 * i + j`` of the cells ``(n, m, Lq, L, P)``."""
+        heads = cell.shape[1]
         index = cell.new_empty((*cell.shape, 4))
         index[..., 0] = cell
         torch.add(cell, heads, out=index[..., 1])
-        torch.add(cell, row_stride.to(self.index_dtype), out=index[..., 2])
+        torch.add(cell, self.row_stride.to(cell.dtype) * heads, out=index[..., 2])
         torch.add(index[..., 2], heads, out=index[..., 3])
-        fx, fy = frac
-        if differentiable:
-            weight_y = (attn - attn * fy, attn * fy)
-            weight = torch.stack([w for wy in weight_y for w in (wy - wy * fx, wy * fx)], -1)
-        else:
-            # attn * (1 - f) as attn - attn * f: the same value to an ulp.
-            shape = (4, *attn.shape) if planar_weight else (*attn.shape, 4)
-            weight = attn.new_empty(shape).movedim(0, -1) if planar_weight else attn.new_empty(shape)
-            weight_y1 = torch.mul(attn, fy)
-            for i, weight_y in enumerate((attn - weight_y1, weight_y1)):
-                torch.addcmul(weight_y, weight_y, fx, value=-1, out=weight[..., 2 * i])
-                torch.mul(weight_y, fx, out=weight[..., 2 * i + 1])
-        return index, weight, frac
+        return index
+
+    def add_corner_sums(self, sums: torch.Tensor, images: int, heads: int) -> torch.Tensor:
+        """Gradient ``(rows, D)`` of a chunk's table from per-cell sums ``(4, rows, D)``: ``sums[k, r]`` belongs to
+        corner ``k`` of the cell whose top-left corner is row ``r``, and corners are fixed row offsets from it.
+        Accumulates into ``sums[0]``."""
+        grad, head_dim = sums[0], sums.shape[-1]
+        blocks = sums.view(4, images, self.positions * heads, head_dim)
+        for start, end, (_, wp) in zip(self.starts, self.starts[1:], self.padded):
+            start, end = start * heads, end * heads
+            # No cell has its top-left corner in a block's last padded row or column: sums never leave their block.
+            for corner, step in enumerate((1, wp, wp + 1), 1):
+                step *= heads
+                blocks[0, :, start + step:end] += blocks[corner, :, start:end - step]
+        return grad
+
+
+def _bilinear_weights(attn: torch.Tensor, frac: torch.Tensor, planar: bool = False) -> torch.Tensor:
+    """Attention times bilinear weight of the corners ``(y_i, x_j)`` at ``2 * i + j``: ``(..., 4)``, or ``(4, ...)``
+    when ``planar``, for ``attn`` ``(...)`` and ``frac`` ``(2, ...)``."""
+    fx, fy = frac
+    if torch.is_grad_enabled() and (attn.requires_grad or frac.requires_grad):
+        weight_y = (attn - attn * fy, attn * fy)
+        return torch.stack([w for wy in weight_y for w in (wy - wy * fx, wy * fx)], 0 if planar else -1)
+    weight = attn.new_empty((4, *attn.shape)) if planar else attn.new_empty((*attn.shape, 4)).movedim(-1, 0)
+    # attn * (1 - f) as attn - attn * f: the same value to an ulp.
+    weight_y1 = torch.mul(attn, fy)
+    for i, weight_y in enumerate((attn - weight_y1, weight_y1)):
+        torch.addcmul(weight_y, weight_y, fx, value=-1, out=weight[2 * i])
+        torch.mul(weight_y, fx, out=weight[2 * i + 1])
+    return weight if planar else weight.movedim(0, -1)
 
 
 def _head_major(t: torch.Tensor, n0: int, n1: int, m0: int, m1: int, dtype: torch.dtype) -> torch.Tensor:
@@ -257,8 +279,9 @@ def msda_torch_forward(
     out = torch.empty((batch, queries, heads, head_dim), dtype=dtype, device=value.device)
     for n0, n1, m0, m1 in maps.chunks:
         loc = _head_major(sampling_locations, n0, n1, m0, m1, sampling_locations.dtype)
-        index, weight, _ = maps.corners(loc, _head_major(attention_weights, n0, n1, m0, m1, dtype))
-        rows = F.embedding_bag(index.view(-1, 4 * samples), maps.table(n0, n1, m0, m1), mode="sum",
+        cell, frac = maps.cells(loc, dtype)
+        weight = _bilinear_weights(_head_major(attention_weights, n0, n1, m0, m1, dtype), frac)
+        rows = F.embedding_bag(maps.corner_rows(cell).view(-1, 4 * samples), maps.table(n0, n1, m0, m1), mode="sum",
                                per_sample_weights=weight.view(-1, 4 * samples))
         out[n0:n1, :, m0:m1] = rows.view(n1 - n0, m1 - m0, queries, head_dim).transpose(1, 2)
     return out.view(batch, queries, heads * head_dim).to(value.dtype)
@@ -315,44 +338,43 @@ def _sort_cells(keys: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
     return keys[:total], order[:total]
 
 
-def _scatter_cells(
-    grad_out: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, samples: int, rows: int
-) -> torch.Tensor:
-    """``grad[index] += weight * grad_out[sample // samples]`` for every corner of a chunk whose cells are shared by
-    several samples, with gathers only.
+def _row_starts(keys: torch.Tensor, rows: int) -> torch.Tensor:
+    """Position of the first key ``>= r`` in the sorted ``keys``, for every row ``r`` in ``[0, rows)``."""
+    if keys.device.type == "cpu":  # counting is several times faster than binary searches here
+        counts = torch.bincount(keys, minlength=rows)
+        return counts.cumsum(0).sub_(counts)
+    # On CUDA bincount syncs to size its output and is flagged nondeterministic; searchsorted is neither.
+    return torch.searchsorted(keys, torch.arange(rows, dtype=keys.dtype, device=keys.device))
 
-    Samples are sorted by cell; one ``embedding_bag`` sums, per corner and cell, the weighted output gradients of the
-    cell's samples, and a second one adds up, per table row, the sums of the cells that have it as a corner.
+
+def _scatter_cells(
+    grad_out: torch.Tensor, cell: torch.Tensor, attn: torch.Tensor, frac: torch.Tensor, samples: int, rows: int
+) -> torch.Tensor:
+    """``sums[k, c] = sum weight_k * grad_out[sample // samples]`` over the samples whose top-left corner is table row
+    ``c``, with gathers only: samples sorted by cell, one ``embedding_bag`` with a bag per corner and table row.
 
     Args:
         grad_out: ``(bags, D)``.
-        index: ``(bags * samples, 4)`` chunk table rows of the samples' corners, bag-major.
-        weight: ``(4, bags * samples)`` their weights, corner-major.
+        cell: ``(bags * samples,)`` table row of each sample's top-left corner, bag-major.
+        attn: ``(bags * samples,)`` attention weights.
+        frac: ``(2, bags * samples)`` position inside the cell.
         samples: samples per bag (``L * P``).
         rows: table rows of the chunk.
 
     Returns:
-        ``(rows, D)`` gradient of the chunk's table rows.
+        ``(4, rows, D)`` per-cell sums of each corner (zero for rows that are no sample's top-left corner).
     """
-    # The top-left corner names the cell; all samples of a cell share its four corner rows.
-    keys, order = _sort_cells(index[:, 0], rows)
-    _, counts = torch.unique_consecutive(keys, return_counts=True)
-    total, cells, device = order.numel(), counts.numel(), keys.device
-    starts = counts.cumsum(0).sub_(counts)
-    # Corner-major bags (corner k, cell c) of the cell's samples weighted by that corner, then one empty bag: the
-    # zero row of table rows that no corner reaches.
-    offsets = torch.cat(((torch.arange(0, 4 * total, total, device=device).view(4, 1) + starts).view(-1),
-                         starts.new_full((1,), 4 * total))).to(index.dtype)
-    bag = order.to(index.dtype).div_(samples, rounding_mode="floor")
-    sums = F.embedding_bag(bag.repeat(4), grad_out, offsets, mode="sum",
-                           per_sample_weights=weight.index_select(1, order).view(-1))
-    # Row r gathers sums[k * cells + c] for each cell c that has it as corner k (one cell at most per corner).
-    corner_rows = index.index_select(0, order.index_select(0, starts)).long()  # (cells, 4)
-    sources = torch.full((rows, 4), 4 * cells, dtype=index.dtype, device=device)
-    sources.view(-1)[corner_rows.mul_(4).add_(torch.arange(4, device=device))] = (
-        torch.arange(0, 4 * cells, cells, dtype=index.dtype, device=device)
-        + torch.arange(cells, dtype=index.dtype, device=device).view(-1, 1))
-    return F.embedding_bag(sources, sums, mode="sum")
+    keys, order = _sort_cells(cell, rows)
+    total = order.numel()
+    offsets = torch.arange(0, 4 * total, total, device=keys.device).view(4, 1) + _row_starts(keys, rows)
+    # Weights in sorted order from sorted inputs: three 1-D gathers instead of one of four weight planes.
+    sorted_frac = frac.new_empty(frac.shape)
+    for plane, sorted_plane in zip(frac, sorted_frac):
+        torch.index_select(plane, 0, order, out=sorted_plane)
+    weight = _bilinear_weights(attn.index_select(0, order), sorted_frac, planar=True)
+    bag = order.div_(samples, rounding_mode="floor")
+    sums = F.embedding_bag(bag.repeat(4), grad_out, offsets.view(-1), mode="sum", per_sample_weights=weight.view(-1))
+    return sums.view(4, rows, -1)
 
 
 def _scatter_corners(
@@ -363,19 +385,17 @@ def _scatter_corners(
 
     Args:
         grad_out: ``(bags, D)``.
-        index: ``(bags * samples, 4)`` chunk table rows of the samples' corners, bag-major.
-        weight: ``(bags * samples, 4)`` their weights.
+        index: ``(bags * samples * 4,)`` chunk table rows of the samples' corners, bag-major.
+        weight: ``(bags * samples * 4,)`` their weights.
         samples: samples per bag (``L * P``).
         rows: table rows of the chunk.
 
     Returns:
         ``(rows, D)`` gradient of the chunk's table rows.
     """
-    keys, order = _sort_cells(index.reshape(-1), rows)
-    # searchsorted, unlike bincount, is deterministic on CUDA.
-    offsets = torch.searchsorted(keys, torch.arange(rows, dtype=keys.dtype, device=keys.device))
-    return F.embedding_bag(order.div(4 * samples, rounding_mode="floor"), grad_out, offsets, mode="sum",
-                           per_sample_weights=weight.reshape(-1).index_select(0, order))
+    keys, order = _sort_cells(index, rows)
+    return F.embedding_bag(order.div(4 * samples, rounding_mode="floor"), grad_out, _row_starts(keys, rows),
+                           mode="sum", per_sample_weights=weight.index_select(0, order))
 
 
 def msda_torch_backward(
@@ -419,18 +439,20 @@ def msda_torch_backward(
             attn = _head_major(attention_weights, n0, n1, m0, m1, dtype)
             go = _head_major(grad_out, n0, n1, m0, m1, dtype).view(-1, head_dim)
             table = maps.table(n0, n1, m0, m1)
+            cell, frac = maps.cells(loc, dtype)
             shared = attn.numel() >= _SHARED_CELLS * table.shape[0]
-            index, weight, frac = maps.corners(loc, attn, planar_weight=shared)
+            index = maps.corner_rows(cell) if location_grads or not shared else None
             if location_grads:
                 chunk_loc, chunk_attn = _location_grads(go, table, index, frac, attn, maps.scale)
                 grad_loc[n0:n1, :, m0:m1] = chunk_loc.transpose(1, 2)
                 grad_attn[n0:n1, :, m0:m1] = chunk_attn.transpose(1, 2)
                 del chunk_loc, chunk_attn  # before the scatter's temporaries
             if shared:
-                grad = _scatter_cells(go, index.view(-1, 4), weight.movedim(-1, 0).view(4, -1), samples,
-                                      table.shape[0])
+                sums = _scatter_cells(go, cell.view(-1), attn.view(-1), frac.view(2, -1), samples, table.shape[0])
+                grad = maps.add_corner_sums(sums, n1 - n0, m1 - m0)
             else:
-                grad = _scatter_corners(go, index.view(-1, 4), weight, samples, table.shape[0])
+                weight = _bilinear_weights(attn, frac)
+                grad = _scatter_corners(go, index.view(-1), weight.view(-1), samples, table.shape[0])
             maps.unpad(grad_value[n0:n1, :, m0:m1], grad.view(n1 - n0, maps.positions, m1 - m0, head_dim))
     grad_value = grad_value.to(value.dtype)
     if not location_grads:
