@@ -8,8 +8,9 @@ Work runs in chunks of whole maps (some heads of one image, or whole images), sa
 copy of its maps with a zero border of two pixels (:class:`_Maps`), and pixel coordinates are clamped to
 ``[-2, W] x [-2, H]`` (NaN to -2): the four corners of every location are rows of that table, so no validity mask
 exists. Corners outside the map read the border's zeros, and a clamped location reads only border zeros, so its
-gradients vanish as they do for ``grid_sample``. Per-chunk constants broadcast over leading dims only, so every
-elementwise op runs over long contiguous rows.
+gradients vanish as they do for ``grid_sample``. Coordinates are scaled and clamped per axis and level with Python
+scalars, and other per-chunk constants broadcast over leading dims only, so every elementwise op runs vectorised over
+long contiguous rows.
 
 Forward: every output row ``(n, q, m)`` is one weighted ``embedding_bag`` over the ``4 * L * P`` corners of its
 samples, so the ``(N, Lq, M, L * P, D)`` tensor of samples of the ``grid_sample`` formulation never exists.
@@ -20,9 +21,10 @@ Backward (recomputes the corners; the forward saves only its inputs):
   ``sampled_addmm`` (SDDMM) per chunk;
 * the value gradient is a scatter, which ATen only runs element by element. It is turned into gathers. Where
   samples share cells (at least ``_SHARED_CELLS`` samples per table row), samples are sorted by the 2x2 cell they
-  read, one ``embedding_bag`` sums the weighted output gradients of each cell's samples for each of its corners, and
-  a second one gathers for each table row the sums of the (at most four) cells that have it as a corner. Sparser
-  chunks (few queries on a large map) sort the corners themselves by table row and need one ``embedding_bag``.
+  read, named by its top-left table row. Per corner, one ``embedding_bag`` with a bag per table row sums the
+  weighted output gradients of the samples of that row's cell; a corner lies at a fixed row offset from its cell's
+  top-left row, so the four sums add up as shifted slices. Sparser chunks (few queries on a large map) sort the
+  corners themselves by table row and need one ``embedding_bag``.
 
 Every step has a fixed summation order, so the backward is deterministic on CPU and CUDA.
 """
@@ -108,7 +110,7 @@ class _Maps:
         heads = self.heads
         if chunked:
             budget = min(max(out_bytes, _MIN_CHUNK_BYTES), _MAX_CHUNK_BYTES) * (1 if backward else 4)
-            map_bytes = per_map * _SAMPLE_BYTES[backward] + (3 if backward else 1) * self.positions * row_bytes
+            map_bytes = per_map * _SAMPLE_BYTES[backward] + (5 if backward else 1) * self.positions * row_bytes
             maps = max(1, min(_CHUNK_SAMPLES // per_map, budget // map_bytes))
         else:
             maps = batch * heads
@@ -126,32 +128,42 @@ class _Maps:
     def blocks(n0: int, n1: int, m0: int, m1: int) -> int:
         return (n1 - n0) * (m1 - m0)
 
+    def _levels(self, padded: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Per level, the maps of ``padded`` ``(n, S', m, D)`` as ``(n, H + 2 * _PAD, W + 2 * _PAD, m, D)``."""
+        images, _, heads, head_dim = padded.shape
+        for (hp, wp), start in zip(self.padded, self.starts):
+            yield padded[:, start:start + hp * wp].view(images, hp, wp, heads, head_dim)
+
     def _interiors(self, padded: torch.Tensor, natural: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per level, the interior of the maps of ``padded`` ``(n, S', m, D)`` and the matching view of ``natural``
         ``(n, S, m, D)``, both ``(n, H, W, m, D)``."""
         images, _, heads, head_dim = natural.shape
         start = 0
-        for (h, w), (hp, wp), pstart in zip(self.shapes, self.padded, self.starts):
-            inner = padded[:, pstart:pstart + hp * wp].view(images, hp, wp, heads, head_dim)
-            yield inner[:, _PAD:_PAD + h, _PAD:_PAD + w], natural[:, start:start + h * w].view(
+        for (h, w), maps in zip(self.shapes, self._levels(padded)):
+            yield maps[:, _PAD:_PAD + h, _PAD:_PAD + w], natural[:, start:start + h * w].view(
                 images, h, w, heads, head_dim)
             start += h * w
 
     def table(self, n0: int, n1: int, m0: int, m1: int) -> torch.Tensor:
         """Padded maps of images ``n0:n1``, heads ``m0:m1``: ``(n * S' * m, D)``."""
         rows, head_dim = self.blocks(n0, n1, m0, m1) * self.positions, self.value.shape[-1]
+        shape = (n1 - n0, m1 - m0)
         if torch.is_grad_enabled() and self.value.requires_grad:  # autograd needs a fresh table per chunk
-            table = self.value.new_zeros((rows, head_dim), dtype=self.dtype)
+            table, fresh = self.value.new_empty((rows, head_dim), dtype=self.dtype), True
         else:
             # One table for all chunks: their interiors overwrite each other and the borders stay zero, as long as
             # the chunks have the same shape.
+            fresh = self._buffer is None or self._shape != shape
             if self._buffer is None:
-                self._buffer = self.value.new_zeros((self.rows, head_dim), dtype=self.dtype)
-            elif self._shape != (n1 - n0, m1 - m0):
-                self._buffer.zero_()
-            self._shape = (n1 - n0, m1 - m0)
+                self._buffer = self.value.new_empty((self.rows, head_dim), dtype=self.dtype)
+            self._shape = shape
             table = self._buffer[:rows]
         padded = table.view(n1 - n0, self.positions, m1 - m0, head_dim)
+        if fresh:  # only the borders: the interiors are overwritten
+            for maps in self._levels(padded):
+                rows_inside = maps[:, _PAD:-_PAD]
+                for border in (maps[:, :_PAD], maps[:, -_PAD:], rows_inside[:, :, :_PAD], rows_inside[:, :, -_PAD:]):
+                    border.zero_()
         for inner, source in self._interiors(padded, self.value[n0:n1, :, m0:m1]):
             inner.copy_(source)
         return table
@@ -208,26 +220,25 @@ class _Maps:
         torch.add(index[..., 2], heads, out=index[..., 3])
         return index
 
-    def add_corner_sums(self, sums: torch.Tensor, images: int, heads: int) -> torch.Tensor:
-        """Gradient ``(rows, D)`` of a chunk's table from per-cell sums ``(4, rows, D)``: ``sums[k, r]`` belongs to
+    def add_corner_sums(self, sums: Sequence[torch.Tensor], images: int, heads: int) -> torch.Tensor:
+        """Gradient ``(rows, D)`` of a chunk's table from four per-cell sums ``(rows, D)``: ``sums[k][r]`` belongs to
         corner ``k`` of the cell whose top-left corner is row ``r``, and corners are fixed row offsets from it.
         Accumulates into ``sums[0]``."""
-        grad, head_dim = sums[0], sums.shape[-1]
-        blocks = sums.view(4, images, self.positions * heads, head_dim)
+        blocks = [corner.view(images, self.positions * heads, -1) for corner in sums]
         for start, end, (_, wp) in zip(self.starts, self.starts[1:], self.padded):
             start, end = start * heads, end * heads
             # No cell has its top-left corner in a block's last padded row or column: sums never leave their block.
             for corner, step in enumerate((1, wp, wp + 1), 1):
                 step *= heads
-                blocks[0, :, start + step:end] += blocks[corner, :, start:end - step]
-        return grad
+                blocks[0][:, start + step:end] += blocks[corner][:, start:end - step]
+        return sums[0]
 
 
-def _bilinear_weights(attn: torch.Tensor, frac: torch.Tensor, planar: bool = False) -> torch.Tensor:
+def _bilinear_weights(attn: torch.Tensor, frac: Sequence[torch.Tensor], planar: bool = False) -> torch.Tensor:
     """Attention times bilinear weight of the corners ``(y_i, x_j)`` at ``2 * i + j``: ``(..., 4)``, or ``(4, ...)``
-    when ``planar``, for ``attn`` ``(...)`` and ``frac`` ``(2, ...)``."""
+    when ``planar``, for ``attn`` ``(...)`` and the positions ``(x, y)`` inside the cell, each ``(...)``."""
     fx, fy = frac
-    if torch.is_grad_enabled() and (attn.requires_grad or frac.requires_grad):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (attn, fx, fy)):
         weight_y = (attn - attn * fy, attn * fy)
         return torch.stack([w for wy in weight_y for w in (wy - wy * fx, wy * fx)], 0 if planar else -1)
     weight = attn.new_empty((4, *attn.shape)) if planar else attn.new_empty((*attn.shape, 4)).movedim(-1, 0)
@@ -349,8 +360,8 @@ def _row_starts(keys: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _scatter_cells(
     grad_out: torch.Tensor, cell: torch.Tensor, attn: torch.Tensor, frac: torch.Tensor, samples: int, rows: int
-) -> torch.Tensor:
-    """``sums[k, c] = sum weight_k * grad_out[sample // samples]`` over the samples whose top-left corner is table row
+) -> list[torch.Tensor]:
+    """``sums[k][c] = sum weight_k * grad_out[sample // samples]`` over the samples whose top-left corner is table row
     ``c``, with gathers only: samples sorted by cell, one ``embedding_bag`` with a bag per corner and table row.
 
     Args:
@@ -362,19 +373,14 @@ def _scatter_cells(
         rows: table rows of the chunk.
 
     Returns:
-        ``(4, rows, D)`` per-cell sums of each corner (zero for rows that are no sample's top-left corner).
+        Four ``(rows, D)`` per-cell sums, one per corner (zero for rows that are no sample's top-left corner).
     """
     keys, order = _sort_cells(cell, rows)
-    total = order.numel()
-    offsets = torch.arange(0, 4 * total, total, device=keys.device).view(4, 1) + _row_starts(keys, rows)
-    # Weights in sorted order from sorted inputs: three 1-D gathers instead of one of four weight planes.
-    sorted_frac = frac.new_empty(frac.shape)
-    for plane, sorted_plane in zip(frac, sorted_frac):
-        torch.index_select(plane, 0, order, out=sorted_plane)
-    weight = _bilinear_weights(attn.index_select(0, order), sorted_frac, planar=True)
+    starts = _row_starts(keys, rows)
+    # Weights in sorted order from sorted inputs: gathers of three values per sample instead of four weights.
+    weight = _bilinear_weights(attn.index_select(0, order), [plane.index_select(0, order) for plane in frac], True)
     bag = order.div_(samples, rounding_mode="floor")
-    sums = F.embedding_bag(bag.repeat(4), grad_out, offsets.view(-1), mode="sum", per_sample_weights=weight.view(-1))
-    return sums.view(4, rows, -1)
+    return [F.embedding_bag(bag, grad_out, starts, mode="sum", per_sample_weights=w) for w in weight]
 
 
 def _scatter_corners(

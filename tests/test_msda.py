@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from piip_models.kernels import msda_torch
 from piip_models.kernels import multi_scale_deformable_attention as msda
 from piip_models.kernels import op as msda_op
 from piip_models.kernels.msda_reference import reference
@@ -178,6 +179,26 @@ def _check_against_reference(backend, shapes, points, head_dim, dtype, rel, head
 def test_levels_points_maps_float64(backend, geometry):
     shapes, points = GEOMETRIES[geometry]
     _check_against_reference(backend, shapes, points, 5, torch.float64, 1e-12, low=-0.3, high=1.3)
+
+
+@pytest.mark.parametrize("shared_cells", [0.0, float("inf")], ids=["cell-sums", "corner-sort"])
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_value_gradient_scatters_float64(monkeypatch, geometry, shared_cells):
+    """Both value-gradient scatters of the PyTorch path on every geometry: the cell sums reach every corner row
+    through per-level row offsets, also on 1 x W and H x 1 maps and at the padded maps' last rows and columns."""
+    monkeypatch.setattr("piip_models.kernels.msda_torch._SHARED_CELLS", shared_cells)
+    shapes, points = GEOMETRIES[geometry]
+    _check_against_reference("torch", shapes, points, 3, torch.float64, 1e-12, queries=9, low=-0.5, high=1.5)
+
+
+def test_row_starts_match_searchsorted():
+    """The CPU row starts (bincount) equal the binary searches that CUDA runs: empty rows, repeats, rows past the
+    largest key."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype, rows in ((torch.int16, 50), (torch.int32, 70000)):
+        keys = torch.randint(3, rows - 5, (400,), generator=gen).to(dtype).sort().values
+        expected = torch.searchsorted(keys, torch.arange(rows, dtype=dtype))
+        assert torch.equal(msda_torch._row_starts(keys, rows), expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
