@@ -82,6 +82,8 @@ class _Maps:
         self.padded = [(h + 2 * _PAD, w + 2 * _PAD) for h, w in shapes]
         self.starts = list(accumulate((h * w for h, w in self.padded), initial=0))
         self.positions = self.starts[-1]  # S'
+        # The backward's value gradient: per-cell sums where samples share cells, else sorted corners.
+        self.shared_cells = queries * samples >= _SHARED_CELLS * self.positions
         self.chunks = self._plan(batch, queries * samples, head_dim * torch.finfo(dtype).bits // 8,
                                  batch * queries * heads * head_dim * value.element_size(), backward, chunked)
         self.rows = max(self.blocks(*chunk) for chunk in self.chunks) * self.positions
@@ -110,7 +112,9 @@ class _Maps:
         heads = self.heads
         if chunked:
             budget = min(max(out_bytes, _MIN_CHUNK_BYTES), _MAX_CHUNK_BYTES) * (1 if backward else 4)
-            map_bytes = per_map * _SAMPLE_BYTES[backward] + (5 if backward else 1) * self.positions * row_bytes
+            # Table-sized buffers: the table; in the backward also the gradient, or the four per-cell sums.
+            tables = (5 if self.shared_cells else 3) if backward else 1
+            map_bytes = per_map * _SAMPLE_BYTES[backward] + tables * self.positions * row_bytes
             maps = max(1, min(_CHUNK_SAMPLES // per_map, budget // map_bytes))
         else:
             maps = batch * heads
@@ -446,14 +450,13 @@ def msda_torch_backward(
             go = _head_major(grad_out, n0, n1, m0, m1, dtype).view(-1, head_dim)
             table = maps.table(n0, n1, m0, m1)
             cell, frac = maps.cells(loc, dtype)
-            shared = attn.numel() >= _SHARED_CELLS * table.shape[0]
-            index = maps.corner_rows(cell) if location_grads or not shared else None
+            index = maps.corner_rows(cell) if location_grads or not maps.shared_cells else None
             if location_grads:
                 chunk_loc, chunk_attn = _location_grads(go, table, index, frac, attn, maps.scale)
                 grad_loc[n0:n1, :, m0:m1] = chunk_loc.transpose(1, 2)
                 grad_attn[n0:n1, :, m0:m1] = chunk_attn.transpose(1, 2)
                 del chunk_loc, chunk_attn  # before the scatter's temporaries
-            if shared:
+            if maps.shared_cells:
                 sums = _scatter_cells(go, cell.view(-1), attn.view(-1), frac.view(2, -1), samples, table.shape[0])
                 grad = maps.add_corner_sums(sums, n1 - n0, m1 - m0)
             else:
