@@ -293,7 +293,7 @@ def msda_torch_forward(
     maps = _Maps(value, spatial_shapes, dtype, queries, samples, backward=False, chunked=chunked)
     out = torch.empty((batch, queries, heads, head_dim), dtype=dtype, device=value.device)
     for n0, n1, m0, m1 in maps.chunks:
-        loc = _head_major(sampling_locations, n0, n1, m0, m1, sampling_locations.dtype)
+        loc = sampling_locations[n0:n1, :, m0:m1].transpose(1, 2)  # read once, by cells(): no head-major copy
         cell, frac = maps.cells(loc, dtype)
         weight = _bilinear_weights(_head_major(attention_weights, n0, n1, m0, m1, dtype), frac)
         rows = F.embedding_bag(maps.corner_rows(cell).view(-1, 4 * samples), maps.table(n0, n1, m0, m1), mode="sum",
@@ -445,7 +445,7 @@ def msda_torch_backward(
         maps = _Maps(value, spatial_shapes, dtype, queries, samples, backward=True)
         grad_out = grad_output.view(batch, queries, heads, head_dim)
         for n0, n1, m0, m1 in maps.chunks:
-            loc = _head_major(sampling_locations, n0, n1, m0, m1, sampling_locations.dtype)
+            loc = sampling_locations[n0:n1, :, m0:m1].transpose(1, 2)  # read once, by cells()
             attn = _head_major(attention_weights, n0, n1, m0, m1, dtype)
             go = _head_major(grad_out, n0, n1, m0, m1, dtype).view(-1, head_dim)
             table = maps.table(n0, n1, m0, m1)
