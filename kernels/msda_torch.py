@@ -366,7 +366,7 @@ def _scatter_cells(
     grad_out: torch.Tensor, cell: torch.Tensor, attn: torch.Tensor, frac: torch.Tensor, samples: int, rows: int
 ) -> list[torch.Tensor]:
     """``sums[k][c] = sum weight_k * grad_out[sample // samples]`` over the samples whose top-left corner is table row
-    ``c``, with gathers only: samples sorted by cell, one ``embedding_bag`` with a bag per corner and table row.
+    ``c``, with gathers only: samples sorted by cell, one ``embedding_bag`` per corner with a bag per table row.
 
     Args:
         grad_out: ``(bags, D)``.
@@ -382,7 +382,8 @@ def _scatter_cells(
     keys, order = _sort_cells(cell, rows)
     starts = _row_starts(keys, rows)
     # Weights in sorted order from sorted inputs: gathers of three values per sample instead of four weights.
-    weight = _bilinear_weights(attn.index_select(0, order), [plane.index_select(0, order) for plane in frac], True)
+    frac = [plane.index_select(0, order) for plane in frac]
+    weight = _bilinear_weights(attn.index_select(0, order), frac, planar=True)
     bag = order.div_(samples, rounding_mode="floor")
     return [F.embedding_bag(bag, grad_out, starts, mode="sum", per_sample_weights=w) for w in weight]
 
