@@ -54,7 +54,7 @@ from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers.attention import Attention
 from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from .kernels import msda_macs
 from .layers.msdeform_attn import MSDeformAttn
@@ -288,14 +288,13 @@ def _msda_flops(value_shape, spatial_shapes, sampling_locations_shape, *args, ou
     return 2 * msda_macs(value_shape, sampling_locations_shape)
 
 
-def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
 # scaled_dot_product_attention runs this kernel on the CPU, and torch (2.14) has no flop formula for it: without one,
-# the full convention would miss every attention matmul of a CPU count (meta tensors take another kernel).
+# the full convention would miss every attention matmul of a CPU count (meta tensors take another kernel). It takes
+# query, key and value first, like the flash kernel, whose registered (already shape-wrapped) formula it shares.
 if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
-    register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)(_cpu_flash_attention_flops)
+    register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)(
+        flop_registry[torch.ops.aten._scaled_dot_product_flash_attention]
+    )
 
 
 def _full_macs(model: nn.Module, x: torch.Tensor) -> int:
