@@ -382,8 +382,8 @@ def _scatter_cells(
     keys, order = _sort_cells(cell, rows)
     starts = _row_starts(keys, rows)
     # Weights in sorted order from sorted inputs: gathers of three values per sample instead of four weights.
-    frac = [plane.index_select(0, order) for plane in frac]
-    weight = _bilinear_weights(attn.index_select(0, order), frac, planar=True)
+    sorted_frac = [plane.index_select(0, order) for plane in frac]
+    weight = _bilinear_weights(attn.index_select(0, order), sorted_frac, planar=True)
     bag = order.div_(samples, rounding_mode="floor")
     return [F.embedding_bag(bag, grad_out, starts, mode="sum", per_sample_weights=w) for w in weight]
 
