@@ -98,11 +98,7 @@ class _Maps:
         self.sizes = ([w for _, w in shapes], [h for h, _ in shapes])
         self.scale = torch.tensor(self.sizes, dtype=dtype, device=device).view(2, 1, 1, 1, levels, 1)
         self.lower = torch.tensor(-float(_PAD), dtype=dtype, device=device)
-        self.row_stride = torch.tensor([wp for _, wp in self.padded], dtype=self.index_float, device=device)
-        self.row_stride = self.row_stride.view(levels, 1)
-        # Row of pixel (0, 0) of each level in its block.
-        self.level_origin = torch.tensor([s + _PAD * wp + _PAD for s, (_, wp) in zip(self.starts, self.padded)],
-                                         dtype=self.index_float, device=device).view(levels, 1)
+        self._origins: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def _plan(self, batch: int, per_map: int, row_bytes: int, out_bytes: int, backward: bool,
               chunked: bool) -> list[tuple[int, int, int, int]]:
@@ -190,10 +186,6 @@ class _Maps:
         """
         images, heads = loc.shape[:2]
         device = loc.device
-        # Row of pixel (0, 0) of image i, head j, level l: (i * S' + origin_l) * m + j.
-        image = torch.arange(images, device=device, dtype=self.index_float).view(-1, 1, 1, 1, 1) * self.positions
-        head = torch.arange(heads, device=device, dtype=self.index_float).view(-1, 1, 1, 1)
-        origin = (image + self.level_origin).mul_(heads) + head
         xy = loc.movedim(-1, 0)
         # out= and in-place ops skip allocations but are not differentiable; autograd only runs here on export paths.
         if torch.is_grad_enabled() and loc.requires_grad:
@@ -211,8 +203,24 @@ class _Maps:
                     plane.sub_(0.5).nan_to_num_(nan=-float(_PAD)).clamp_(-float(_PAD), size)
             base = pixel.floor()
             frac = pixel.sub_(base)
-        cell = torch.add(origin, base[0], alpha=heads).addcmul_(base[1], self.row_stride * heads)
+        cell = torch.add(self._origin(xy.shape[1:]), base[0], alpha=heads)
+        for level, (_, wp) in enumerate(self.padded):
+            cell[..., level, :].add_(base[1, ..., level, :], alpha=wp * heads)
         return cell.to(self.index_dtype), frac
+
+    def _origin(self, shape: torch.Size) -> torch.Tensor:
+        """Table row of pixel (0, 0) of the map and level of every sample of chunks of ``shape`` ``(n, m, Lq, L, P)``,
+        contiguous (ops broadcasting a small tensor over long rows do not vectorise); cached per chunk shape."""
+        images, heads, queries = shape[:3]
+        key = (images, heads, queries)
+        if key not in self._origins:
+            # Row of pixel (0, 0) of image i, head j, level l: (i * S' + start_l + _PAD * (W'_l + 1)) * m + j.
+            level = [start + _PAD * (wp + 1) for start, (_, wp) in zip(self.starts, self.padded)]
+            level = torch.tensor(level, dtype=self.index_float, device=self.value.device).view(-1, 1)
+            image = torch.arange(images, dtype=self.index_float, device=level.device).view(-1, 1, 1, 1, 1)
+            head = torch.arange(heads, dtype=self.index_float, device=level.device).view(-1, 1, 1, 1)
+            self._origins[key] = ((image * self.positions + level).mul_(heads) + head).expand(shape).contiguous()
+        return self._origins[key]
 
     def corner_rows(self, cell: torch.Tensor) -> torch.Tensor:
         """Table rows ``(..., 4)`` of the corners ``(y_i, x_j)`` at ``2 * i + j`` of the cells ``(n, m, Lq, L, P)``."""
@@ -220,7 +228,8 @@ class _Maps:
         index = cell.new_empty((*cell.shape, 4))
         index[..., 0] = cell
         torch.add(cell, heads, out=index[..., 1])
-        torch.add(cell, self.row_stride.to(cell.dtype) * heads, out=index[..., 2])
+        for level, (_, wp) in enumerate(self.padded):
+            torch.add(cell[..., level, :], wp * heads, out=index[..., level, :, 2])
         torch.add(index[..., 2], heads, out=index[..., 3])
         return index
 
@@ -312,11 +321,12 @@ def _corner_dots(grad_out: torch.Tensor, table: torch.Tensor, index: torch.Tenso
     crow = torch.arange(0, (bags + 1) * corners, corners, dtype=index.dtype, device=index.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        pattern = torch.sparse_csr_tensor(
-            crow, index.reshape(-1), table.new_zeros(bags * corners), size=(bags, table.shape[0]),
-            check_invariants=False,
-        )
-        return torch.sparse.sampled_addmm(pattern, grad_out, table.t(), beta=0.0).values().view(index.shape)
+        # Zeros, not empty: the kernel adds beta * value even for beta 0, and NaN * 0 is NaN.
+        pattern = torch.sparse_csr_tensor(crow, index.reshape(-1), table.new_zeros(bags * corners),
+                                          size=(bags, table.shape[0]), check_invariants=False)
+        # In place (out= its input): a new result would first copy the pattern's column indices and values.
+        torch.sparse.sampled_addmm(pattern, grad_out, table.t(), beta=0.0, out=pattern)
+    return pattern.values().view(index.shape)
 
 
 def _location_grads(
@@ -362,6 +372,14 @@ def _row_starts(keys: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.searchsorted(keys, torch.arange(rows, dtype=keys.dtype, device=keys.device))
 
 
+def _floor_divide_(t: torch.Tensor, divisor: int) -> torch.Tensor:
+    """``t // divisor`` in place for non-negative integers: a shift for powers of two, which vectorises where integer
+    division does not."""
+    if divisor & (divisor - 1) == 0:
+        return t.bitwise_right_shift_(divisor.bit_length() - 1)
+    return t.div_(divisor, rounding_mode="floor")
+
+
 def _scatter_cells(
     grad_out: torch.Tensor, cell: torch.Tensor, attn: torch.Tensor, frac: torch.Tensor, samples: int, rows: int
 ) -> list[torch.Tensor]:
@@ -384,7 +402,7 @@ def _scatter_cells(
     # Weights in sorted order from sorted inputs: gathers of three values per sample instead of four weights.
     sorted_frac = [plane.index_select(0, order) for plane in frac]
     weight = _bilinear_weights(attn.index_select(0, order), sorted_frac, planar=True)
-    bag = order.div_(samples, rounding_mode="floor")
+    bag = _floor_divide_(order, samples)
     return [F.embedding_bag(bag, grad_out, starts, mode="sum", per_sample_weights=w) for w in weight]
 
 
@@ -405,8 +423,9 @@ def _scatter_corners(
         ``(rows, D)`` gradient of the chunk's table rows.
     """
     keys, order = _sort_cells(index, rows)
-    return F.embedding_bag(order.div(4 * samples, rounding_mode="floor"), grad_out, _row_starts(keys, rows),
-                           mode="sum", per_sample_weights=weight.index_select(0, order))
+    weight = weight.index_select(0, order)
+    return F.embedding_bag(_floor_divide_(order, 4 * samples), grad_out, _row_starts(keys, rows), mode="sum",
+                           per_sample_weights=weight)
 
 
 def msda_torch_backward(
