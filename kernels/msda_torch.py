@@ -4,13 +4,14 @@ Sampling follows Deformable-DETR and ``grid_sample(mode="bilinear", padding_mode
 location ``(x, y)`` in ``[0, 1]`` maps to pixel ``(x * W - 0.5, y * H - 0.5)``, values are read bilinearly, corners
 outside the map read zeros and non-finite locations read nothing.
 
-Work runs in chunks of whole maps (some heads of one image, or whole images), samples head-major. Each chunk reads a
-copy of its maps with a zero border of two pixels (:class:`_Maps`), and pixel coordinates are clamped to
-``[-2, W] x [-2, H]`` (NaN to -2): the four corners of every location are rows of that table, so no validity mask
-exists. Corners outside the map read the border's zeros, and a clamped location reads only border zeros, so its
-gradients vanish as they do for ``grid_sample``. Coordinates are scaled and clamped per axis and level with Python
-scalars, and other per-chunk constants broadcast over leading dims only, so every elementwise op runs vectorised over
-long contiguous rows.
+Work runs in chunks of whole maps (some heads of one image, or whole images). Samples keep the inputs' order
+``(n, Lq, m, L, P)``: locations and attention weights are read in place and gradients written in place, through
+strided views of the chunk's heads. Each chunk reads a copy of its maps with a zero border of two pixels
+(:class:`_Maps`), and pixel coordinates are clamped to ``[-2, W] x [-2, H]`` (NaN to -2): the four corners of every
+location are rows of that table, so no validity mask exists. Corners outside the map read the border's zeros, and a
+clamped location reads only border zeros, so its gradients vanish as they do for ``grid_sample``. Coordinates are
+scaled and clamped per axis and level with Python scalars, and per-chunk constants are contiguous tensors, so every
+elementwise op runs vectorised over long rows.
 
 Forward: every output row ``(n, q, m)`` is one weighted ``embedding_bag`` over the ``4 * L * P`` corners of its
 samples, so the ``(N, Lq, M, L * P, D)`` tensor of samples of the ``grid_sample`` formulation never exists.
@@ -94,7 +95,7 @@ class _Maps:
         self._buffer: torch.Tensor | None = None
         self._shape = (0, 0)
         levels = len(shapes)
-        # Per level, shaped to broadcast against (n, m, Lq, L, P) samples.
+        # Map widths and heights per level; as a tensor, shaped to broadcast against (2, n, Lq, m, L, P) coordinates.
         self.sizes = ([w for _, w in shapes], [h for h, _ in shapes])
         self.scale = torch.tensor(self.sizes, dtype=dtype, device=device).view(2, 1, 1, 1, levels, 1)
         self.lower = torch.tensor(-float(_PAD), dtype=dtype, device=device)
@@ -177,14 +178,14 @@ class _Maps:
         """Bilinear cells of the samples of a chunk.
 
         Args:
-            loc: ``(n, m, Lq, L, P, 2)`` locations of the chunk's maps.
+            loc: ``(n, Lq, m, L, P, 2)`` locations of the chunk's maps (a view of the input, read once).
             dtype: coordinate dtype (the table dtype).
 
         Returns:
-            ``cell`` ``(n, m, Lq, L, P)``: table row of the top-left corner of each sample's 2x2 cell;
-            ``frac`` ``(2, n, m, Lq, L, P)``: ``(x, y)`` position inside the cell.
+            ``cell`` ``(n, Lq, m, L, P)``: table row of the top-left corner of each sample's 2x2 cell;
+            ``frac`` ``(2, n, Lq, m, L, P)``: ``(x, y)`` position inside the cell.
         """
-        images, heads = loc.shape[:2]
+        heads = loc.shape[2]
         device = loc.device
         xy = loc.movedim(-1, 0)
         # out= and in-place ops skip allocations but are not differentiable; autograd only runs here on export paths.
@@ -209,22 +210,22 @@ class _Maps:
         return cell.to(self.index_dtype), frac
 
     def _origin(self, shape: torch.Size) -> torch.Tensor:
-        """Table row of pixel (0, 0) of the map and level of every sample of chunks of ``shape`` ``(n, m, Lq, L, P)``,
+        """Table row of pixel (0, 0) of the map and level of every sample of chunks of ``shape`` ``(n, Lq, m, L, P)``,
         contiguous (ops broadcasting a small tensor over long rows do not vectorise); cached per chunk shape."""
-        images, heads, queries = shape[:3]
-        key = (images, heads, queries)
+        key = tuple(shape[:3])
         if key not in self._origins:
+            images, _, heads = key
             # Row of pixel (0, 0) of image i, head j, level l: (i * S' + start_l + _PAD * (W'_l + 1)) * m + j.
             level = [start + _PAD * (wp + 1) for start, (_, wp) in zip(self.starts, self.padded)]
             level = torch.tensor(level, dtype=self.index_float, device=self.value.device).view(-1, 1)
             image = torch.arange(images, dtype=self.index_float, device=level.device).view(-1, 1, 1, 1, 1)
-            head = torch.arange(heads, dtype=self.index_float, device=level.device).view(-1, 1, 1, 1)
+            head = torch.arange(heads, dtype=self.index_float, device=level.device).view(-1, 1, 1)
             self._origins[key] = ((image * self.positions + level).mul_(heads) + head).expand(shape).contiguous()
         return self._origins[key]
 
     def corner_rows(self, cell: torch.Tensor) -> torch.Tensor:
-        """Table rows ``(..., 4)`` of the corners ``(y_i, x_j)`` at ``2 * i + j`` of the cells ``(n, m, Lq, L, P)``."""
-        heads = cell.shape[1]
+        """Table rows ``(..., 4)`` of the corners ``(y_i, x_j)`` at ``2 * i + j`` of the cells ``(n, Lq, m, L, P)``."""
+        heads = cell.shape[2]
         index = cell.new_empty((*cell.shape, 4))
         index[..., 0] = cell
         torch.add(cell, heads, out=index[..., 1])
@@ -263,11 +264,6 @@ def _bilinear_weights(attn: torch.Tensor, frac: Sequence[torch.Tensor], planar: 
     return weight if planar else weight.movedim(0, -1)
 
 
-def _head_major(t: torch.Tensor, n0: int, n1: int, m0: int, m1: int, dtype: torch.dtype) -> torch.Tensor:
-    """Contiguous copy of ``t[n0:n1, :, m0:m1]`` with the head dim second: ``(n, m, Lq, ...)``. One transposing
-    copy here is cheaper than strided operands in every later op."""
-    chunk = t[n0:n1, :, m0:m1].transpose(1, 2)
-    return torch.empty(chunk.shape, dtype=dtype, device=t.device).copy_(chunk)
 
 
 def msda_torch_forward(
@@ -302,12 +298,11 @@ def msda_torch_forward(
     maps = _Maps(value, spatial_shapes, dtype, queries, samples, backward=False, chunked=chunked)
     out = torch.empty((batch, queries, heads, head_dim), dtype=dtype, device=value.device)
     for n0, n1, m0, m1 in maps.chunks:
-        loc = sampling_locations[n0:n1, :, m0:m1].transpose(1, 2)  # read once, by cells(): no head-major copy
-        cell, frac = maps.cells(loc, dtype)
-        weight = _bilinear_weights(_head_major(attention_weights, n0, n1, m0, m1, dtype), frac)
+        cell, frac = maps.cells(sampling_locations[n0:n1, :, m0:m1], dtype)
+        weight = _bilinear_weights(attention_weights[n0:n1, :, m0:m1].to(dtype), frac)
         rows = F.embedding_bag(maps.corner_rows(cell).view(-1, 4 * samples), maps.table(n0, n1, m0, m1), mode="sum",
                                per_sample_weights=weight.view(-1, 4 * samples))
-        out[n0:n1, :, m0:m1] = rows.view(n1 - n0, m1 - m0, queries, head_dim).transpose(1, 2)
+        out[n0:n1, :, m0:m1] = rows.view(n1 - n0, queries, m1 - m0, head_dim)
     return out.view(batch, queries, heads * head_dim).to(value.dtype)
 
 
@@ -331,12 +326,14 @@ def _corner_dots(grad_out: torch.Tensor, table: torch.Tensor, index: torch.Tenso
 
 def _location_grads(
     grad_out: torch.Tensor, table: torch.Tensor, index: torch.Tensor, frac: torch.Tensor, attn: torch.Tensor,
-    scale: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Location and attention gradients ``(..., 2)`` and ``(...)`` of the bilinear samples of a chunk.
+    sizes: tuple[Sequence[int], Sequence[int]], grad_loc: torch.Tensor, grad_attn: torch.Tensor,
+) -> None:
+    """Location and attention gradients of the bilinear samples ``(n, Lq, m, L, P)`` of a chunk, written into the
+    views ``grad_loc`` ``(..., 2)`` and ``grad_attn`` of the outputs.
 
     With ``d_ij = <grad_out, value[corner (y_i, x_j)]>`` and the 1-D weights ``(1 - f, f)``:
-    ``d attn = sum_ij ly_i lx_j d_ij`` and ``d f_x = attn * sum_i ly_i (d_i1 - d_i0)`` (likewise for y).
+    ``d attn = sum_ij ly_i lx_j d_ij`` and ``d f_x = attn * W * sum_i ly_i (d_i1 - d_i0)`` (likewise for y), with
+    ``sizes`` the map widths and heights ``W``, ``H`` per level.
     """
     fx, fy = frac
     dots = _corner_dots(grad_out, table, index.view(grad_out.shape[0], -1)).view(index.shape)
@@ -344,12 +341,11 @@ def _location_grads(
     slope0, slope1 = d01 - d00, d11 - d10  # along x, on the y0 and y1 edges
     edge0, edge1 = torch.addcmul(d00, slope0, fx), torch.addcmul(d10, slope1, fx)  # interpolated along x
     slope_y = edge1.sub_(edge0)
-    grad_attn = torch.addcmul(edge0, slope_y, fy)
+    torch.addcmul(edge0, slope_y, fy, out=grad_attn)
     slope_x = torch.addcmul(slope0, slope1.sub_(slope0), fy)
-    grad_loc = attn.new_empty((*attn.shape, 2))
-    torch.mul(slope_x.mul_(attn), scale[0], out=grad_loc[..., 0])
-    torch.mul(slope_y.mul_(attn), scale[1], out=grad_loc[..., 1])
-    return grad_loc, grad_attn
+    for axis, (slope, axis_sizes) in enumerate(zip((slope_x.mul_(attn), slope_y.mul_(attn)), sizes)):
+        for level, size in enumerate(axis_sizes):
+            torch.mul(slope[..., level, :], size, out=grad_loc[..., level, :, axis])
 
 
 def _sort_cells(keys: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -465,19 +461,18 @@ def msda_torch_backward(
         maps = _Maps(value, spatial_shapes, dtype, queries, samples, backward=True)
         grad_out = grad_output.view(batch, queries, heads, head_dim)
         for n0, n1, m0, m1 in maps.chunks:
-            loc = sampling_locations[n0:n1, :, m0:m1].transpose(1, 2)  # read once, by cells()
-            attn = _head_major(attention_weights, n0, n1, m0, m1, dtype)
-            go = _head_major(grad_out, n0, n1, m0, m1, dtype).view(-1, head_dim)
+            attn = attention_weights[n0:n1, :, m0:m1].to(dtype)
+            # Contiguous rows: the sparse kernels index them by bag.
+            chunk_grad = grad_out[n0:n1, :, m0:m1]
+            go = torch.empty(chunk_grad.shape, dtype=dtype, device=device).copy_(chunk_grad).view(-1, head_dim)
             table = maps.table(n0, n1, m0, m1)
-            cell, frac = maps.cells(loc, dtype)
+            cell, frac = maps.cells(sampling_locations[n0:n1, :, m0:m1], dtype)
             index = maps.corner_rows(cell) if location_grads or not maps.shared_cells else None
             if location_grads:
-                chunk_loc, chunk_attn = _location_grads(go, table, index, frac, attn, maps.scale)
-                grad_loc[n0:n1, :, m0:m1] = chunk_loc.transpose(1, 2)
-                grad_attn[n0:n1, :, m0:m1] = chunk_attn.transpose(1, 2)
-                del chunk_loc, chunk_attn  # before the scatter's temporaries
+                _location_grads(go, table, index, frac, attn, maps.sizes, grad_loc[n0:n1, :, m0:m1],
+                                grad_attn[n0:n1, :, m0:m1])
             if maps.shared_cells:
-                sums = _scatter_cells(go, cell.view(-1), attn.view(-1), frac.view(2, -1), samples, table.shape[0])
+                sums = _scatter_cells(go, cell.view(-1), attn.reshape(-1), frac.view(2, -1), samples, table.shape[0])
                 grad = maps.add_corner_sums(sums, n1 - n0, m1 - m0)
             else:
                 weight = _bilinear_weights(attn, frac)
