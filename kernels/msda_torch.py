@@ -463,8 +463,7 @@ def msda_torch_backward(
         for n0, n1, m0, m1 in maps.chunks:
             attn = attention_weights[n0:n1, :, m0:m1].to(dtype)
             # Contiguous rows: the sparse kernels index them by bag.
-            chunk_grad = grad_out[n0:n1, :, m0:m1]
-            go = torch.empty(chunk_grad.shape, dtype=dtype, device=device).copy_(chunk_grad).view(-1, head_dim)
+            go = grad_out[n0:n1, :, m0:m1].to(dtype).contiguous().view(-1, head_dim)
             table = maps.table(n0, n1, m0, m1)
             cell, frac = maps.cells(sampling_locations[n0:n1, :, m0:m1], dtype)
             index = maps.corner_rows(cell) if location_grads or not maps.shared_cells else None
