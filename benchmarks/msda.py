@@ -6,7 +6,7 @@ read "n/a (no CUDA)" elsewhere). Columns: forward / backward / forward+backward 
 peak memory of forward and of forward+backward (bytes allocated above the inputs), effective bandwidth of the
 compulsory bytes and, on a known GPU, the % of the HBM floor reached. Shapes: the four PIIP interaction shapes and
 the Deformable-DETR encoder (survey section 6). On the CPU the paths of a shape are timed round-robin, repetition by
-repetition, so the ratios stay fair on a machine whose speed drifts.
+repetition, and speed-ups are medians of per-repetition ratios, so they stay fair on a machine whose speed drifts.
 
     python benchmarks/msda.py --quick          # CPU: batch 2, a few minutes on 2 cores
     python benchmarks/msda.py --batch 2 8      # GPU default
@@ -78,13 +78,15 @@ class Row:
     fwd_pct_hbm: float | None = None
     fwd_bwd_pct_hbm: float | None = None
     note: str = ""
+    fwd_reps_ms: list[float] = field(default_factory=list)
+    fwd_bwd_reps_ms: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
-def _median_ms(fns: list[Callable[[], object]], reps: int, warmup: int, device: str) -> list[float]:
-    """Median time of each function (ms). On CUDA, ``triton.testing.do_bench`` per function when Triton imports. On
-    the CPU the repetitions run round-robin over the functions, so that a shared machine's changing speed slows
-    every path alike and the ratios stay fair."""
+def _times_ms(fns: list[Callable[[], object]], reps: int, warmup: int, device: str) -> list[list[float]]:
+    """Times of each function (ms), one per repetition. On CUDA, the median of ``triton.testing.do_bench`` per
+    function when Triton imports. On the CPU the repetitions run round-robin over the functions, so that a shared
+    machine's changing speed slows every path alike and the ratios stay fair."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -92,7 +94,7 @@ def _median_ms(fns: list[Callable[[], object]], reps: int, warmup: int, device: 
         try:
             from triton.testing import do_bench
 
-            return [float(do_bench(fn, warmup=25, rep=max(100, reps), return_mode="median")) for fn in fns]
+            return [[float(do_bench(fn, warmup=25, rep=max(100, reps), return_mode="median"))] for fn in fns]
         except ImportError:
             pass
     times: list[list[float]] = [[] for _ in fns]
@@ -104,8 +106,14 @@ def _median_ms(fns: list[Callable[[], object]], reps: int, warmup: int, device: 
             fn()
             if device == "cuda":
                 torch.cuda.synchronize()
-            fn_times.append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
+            fn_times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _paired_ratio(base: list[float], times: list[float]) -> float:
+    """Median over repetitions of ``base / times``: repetition ``i`` of two paths ran back to back, so a speed drift
+    of the machine cancels out of each ratio, not out of a ratio of medians."""
+    return statistics.median(b / t for b, t in zip(base, times))
 
 
 def _peak_mib(fn: Callable[[], object], device: str) -> float:
@@ -162,14 +170,16 @@ def _closures(fn: Callable, inputs) -> tuple[Callable[[], object], Callable[[], 
 
 def bench_paths(name: str, paths: list[tuple[str, Callable | None, str]], inputs, reps: int, warmup: int,
                 device: str, hbm: float | None) -> list[Row]:
-    """One row per path (``fn`` None: a row with only its note); the paths are timed side by side."""
+    """One row per path (``fn`` None: a row with only its note); the paths are timed side by side, and every timed
+    path after the first gets its speed-ups and peak-memory ratios against the first (``extra``)."""
     value = inputs[1]
     rows = [Row(shape=name, batch=value.shape[0], path=path, note=note) for path, _, note in paths]
     timed = [(row, _closures(fn, inputs)) for row, (_, fn, _) in zip(rows, paths) if fn is not None]
-    fwd_ms = _median_ms([forward for _, (forward, _) in timed], reps, warmup, device)
-    fwd_bwd_ms = _median_ms([forward_backward for _, (_, forward_backward) in timed], reps, warmup, device)
+    fwd_reps = _times_ms([forward for _, (forward, _) in timed], reps, warmup, device)
+    fwd_bwd_reps = _times_ms([forward_backward for _, (_, forward_backward) in timed], reps, warmup, device)
     fwd_bytes, total_bytes = _compulsory_bytes(*inputs[1:])
-    for (row, (forward, forward_backward)), fwd, fwd_bwd in zip(timed, fwd_ms, fwd_bwd_ms):
+    for (row, (forward, forward_backward)), row.fwd_reps_ms, row.fwd_bwd_reps_ms in zip(timed, fwd_reps, fwd_bwd_reps):
+        fwd, fwd_bwd = statistics.median(row.fwd_reps_ms), statistics.median(row.fwd_bwd_reps_ms)
         row.fwd_ms, row.fwd_bwd_ms = fwd, fwd_bwd
         # Compiled graphs donate buffers (no retain_graph), so the backward is timed as the difference.
         row.bwd_ms = fwd_bwd - fwd
@@ -180,6 +190,14 @@ def bench_paths(name: str, paths: list[tuple[str, Callable | None, str]], inputs
         if hbm is not None:
             row.fwd_pct_hbm = 100 * row.fwd_gbps / (hbm * 1e3)
             row.fwd_bwd_pct_hbm = 100 * row.fwd_bwd_gbps / (hbm * 1e3)
+    base = timed[0][0] if timed else None
+    for row, _ in timed[1:]:
+        row.extra = {
+            "fwd_speedup": _paired_ratio(base.fwd_reps_ms, row.fwd_reps_ms),
+            "fwd_bwd_speedup": _paired_ratio(base.fwd_bwd_reps_ms, row.fwd_bwd_reps_ms),
+            "fwd_peak_ratio": base.fwd_peak_mib / max(row.fwd_peak_mib, 1e-9),
+            "fwd_bwd_peak_ratio": base.fwd_bwd_peak_mib / max(row.fwd_bwd_peak_mib, 1e-9),
+        }
     return rows
 
 
@@ -239,18 +257,6 @@ def main(argv: list[str] | None = None) -> None:
             del inputs
             if device == "cuda":
                 torch.cuda.empty_cache()
-
-    # Ratios of the PyTorch path (and Triton) against the eager grid_sample reference.
-    by_key = {(r.shape, r.batch, r.path): r for r in rows}
-    for row in rows:
-        base = by_key.get((row.shape, row.batch, "grid_sample reference (eager)"))
-        if base is not None and row.fwd_ms is not None and row is not base:
-            row.extra = {
-                "fwd_speedup": base.fwd_ms / row.fwd_ms,
-                "fwd_bwd_speedup": base.fwd_bwd_ms / row.fwd_bwd_ms,
-                "fwd_peak_ratio": base.fwd_peak_mib / max(row.fwd_peak_mib, 1e-9),
-                "fwd_bwd_peak_ratio": base.fwd_bwd_peak_mib / max(row.fwd_bwd_peak_mib, 1e-9),
-            }
 
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.processor() or 'x86'}"
     print(f"\nMSDA benchmark on {device_name} ({torch.get_num_threads()} threads), value {args.dtype}, "
