@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -215,7 +216,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, help="timed repetitions (default 100 on CUDA, 9 on CPU, 5 with --quick)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--json", type=Path, help="output file (default benchmarks/out/msda_<device>.json)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (default 0: torch's default). While other processes hold a core, every "
+                             "parallel op waits at its OpenMP barrier, the PyTorch path's many small ops far more "
+                             "often than the reference's few large ones; 1 thread keeps that out of the ratios")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Benchmark what the parsed ``args`` of :func:`main` ask for: print the table, write the JSON."""
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batches = args.batch or ([2] if device == "cpu" or args.quick else [2, 8])
@@ -259,7 +275,9 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
 
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU {platform.processor() or 'x86'}"
-    print(f"\nMSDA benchmark on {device_name} ({torch.get_num_threads()} threads), value {args.dtype}, "
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"\nMSDA benchmark on {device_name} ({torch.get_num_threads()} threads"
+          f"{'' if load is None else f', load average {load:.1f} on {os.cpu_count()} CPUs'}), value {args.dtype}, "
           f"locations/weights float32, median of {reps}; peak = MiB allocated above the inputs")
     header = (f"{'shape':9} {'b':>2} {'path':32} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8} {'fwd MiB':>8} "
               f"{'f+b MiB':>8} {'f+b GB/s':>8} {'%HBM':>5}  {'vs ref: f+b time / f+b mem':>26}")
@@ -275,8 +293,8 @@ def main(argv: list[str] | None = None) -> None:
 
     out = args.json or Path(__file__).resolve().parent / "out" / f"msda_{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "dtype": args.dtype, "reps": reps, "hbm_tbps": hbm}
+    meta = {"device": device_name, "threads": torch.get_num_threads(), "load_average": load,
+            "torch": torch.__version__, "dtype": args.dtype, "reps": reps, "hbm_tbps": hbm}
     out.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1, default=_json_default))
     print(f"\nwrote {out}")
 

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "msda.py"
 
 
@@ -22,9 +24,12 @@ def load_benchmark(monkeypatch) -> ModuleType:
 
 def test_msda_benchmark_rows_and_ratios(tmp_path, monkeypatch, one_thread, capsys):
     out = tmp_path / "msda.json"
-    args = ["--shapes", "piip-D", "--batch", "1", "--reps", "2", "--no-compile", "--json", str(out)]
+    args = ["--shapes", "piip-D", "--batch", "1", "--reps", "2", "--no-compile", "--json", str(out), "--threads", "2"]
     load_benchmark(monkeypatch).main(args)
-    rows = {row["path"]: row for row in json.loads(out.read_text())["rows"]}
+    result = json.loads(out.read_text())
+    # --threads holds for the run only.
+    assert result["meta"]["threads"] == 2 and torch.get_num_threads() == 1
+    rows = {row["path"]: row for row in result["rows"]}
     assert set(rows) == {"grid_sample reference (eager)", "torch path (eager)", "triton (eager)"}
     assert rows["triton (eager)"]["note"] == "n/a (no CUDA)" and rows["triton (eager)"]["fwd_ms"] is None
     reference, ours = rows["grid_sample reference (eager)"], rows["torch path (eager)"]

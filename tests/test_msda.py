@@ -159,6 +159,7 @@ GEOMETRIES = {
     "L2-P4": ([(4, 6), (2, 3)], 4),
     "L4-P1": ([(6, 5), (3, 3), (2, 1), (1, 2)], 1),
     "L4-P4": ([(5, 4), (3, 2), (1, 5), (2, 2)], 4),
+    "L3-P3": ([(4, 5), (3, 2), (2, 3)], 3),  # 9 samples per query: bag divisions that are no shifts
 }
 HEAD_DIMS = [1, 3, 6, 12, 24, 32, 40, 100]
 
@@ -189,6 +190,14 @@ def test_value_gradient_scatters_float64(monkeypatch, geometry, shared_cells):
     monkeypatch.setattr("piip_models.kernels.msda_torch._SHARED_CELLS", shared_cells)
     shapes, points = GEOMETRIES[geometry]
     _check_against_reference("torch", shapes, points, 3, torch.float64, 1e-12, queries=9, low=-0.5, high=1.5)
+
+
+def test_floor_divide_shifts_powers_of_two():
+    """Bag numbers of sorted samples: shifts for powers of two, divisions otherwise, in place, equal to ``//``."""
+    positions = torch.arange(5000)
+    for divisor in range(1, 40):
+        t = positions.clone()
+        assert msda_torch._floor_divide_(t, divisor) is t and torch.equal(t, positions // divisor)
 
 
 def test_row_starts_match_searchsorted():
