@@ -264,8 +264,6 @@ def _bilinear_weights(attn: torch.Tensor, frac: Sequence[torch.Tensor], planar: 
     return weight if planar else weight.movedim(0, -1)
 
 
-
-
 def msda_torch_forward(
     value: torch.Tensor,
     spatial_shapes: Sequence[tuple[int, int]],
@@ -332,8 +330,8 @@ def _location_grads(
     views ``grad_loc`` ``(..., 2)`` and ``grad_attn`` of the outputs.
 
     With ``d_ij = <grad_out, value[corner (y_i, x_j)]>`` and the 1-D weights ``(1 - f, f)``:
-    ``d attn = sum_ij ly_i lx_j d_ij`` and ``d f_x = attn * W * sum_i ly_i (d_i1 - d_i0)`` (likewise for y), with
-    ``sizes`` the map widths and heights ``W``, ``H`` per level.
+    ``d attn = sum_ij ly_i lx_j d_ij`` and, for the location ``x``, ``d x = attn * W * sum_i ly_i (d_i1 - d_i0)``
+    (likewise for ``y``), with ``sizes`` the map widths and heights ``W``, ``H`` per level.
     """
     fx, fy = frac
     dots = _corner_dots(grad_out, table, index.view(grad_out.shape[0], -1)).view(index.shape)
@@ -419,9 +417,9 @@ def _scatter_corners(
         ``(rows, D)`` gradient of the chunk's table rows.
     """
     keys, order = _sort_cells(index, rows)
-    weight = weight.index_select(0, order)
+    sorted_weight = weight.index_select(0, order)  # before the order turns into bag numbers, in place
     return F.embedding_bag(_floor_divide_(order, 4 * samples), grad_out, _row_starts(keys, rows), mode="sum",
-                           per_sample_weights=weight)
+                           per_sample_weights=sorted_weight)
 
 
 def msda_torch_backward(
