@@ -179,8 +179,9 @@ def bench_paths(name: str, paths: list[tuple[str, Callable | None, str]], inputs
     fwd_reps = _times_ms([forward for _, (forward, _) in timed], reps, warmup, device)
     fwd_bwd_reps = _times_ms([forward_backward for _, (_, forward_backward) in timed], reps, warmup, device)
     fwd_bytes, total_bytes = _compulsory_bytes(*inputs[1:])
-    for (row, (forward, forward_backward)), row.fwd_reps_ms, row.fwd_bwd_reps_ms in zip(timed, fwd_reps, fwd_bwd_reps):
-        fwd, fwd_bwd = statistics.median(row.fwd_reps_ms), statistics.median(row.fwd_bwd_reps_ms)
+    for (row, (forward, forward_backward)), fwd_times, fwd_bwd_times in zip(timed, fwd_reps, fwd_bwd_reps):
+        row.fwd_reps_ms, row.fwd_bwd_reps_ms = fwd_times, fwd_bwd_times
+        fwd, fwd_bwd = statistics.median(fwd_times), statistics.median(fwd_bwd_times)
         row.fwd_ms, row.fwd_bwd_ms = fwd, fwd_bwd
         # Compiled graphs donate buffers (no retain_graph), so the backward is timed as the difference.
         row.bwd_ms = fwd_bwd - fwd
