@@ -16,7 +16,7 @@ from piip_models import cli
 from piip_models.counting import count_model
 
 ROW_KEYS = {
-    "model", "convention", "input_size", "params", "flops", "latency_ms", "peak_mem_mb", "baseline", "flops_ratio",
+    "model", "convention", "input_size", "params", "macs", "latency_ms", "peak_mem_mb", "baseline", "macs_ratio",
     "time_ratio",
 }
 
@@ -59,8 +59,8 @@ def test_flops_writes_json_and_csv(capsys, tmp_path):
     assert [r["model"] for r in rows] == ["piip_baseline_vit_b_1024", "piip_tsb_1120_896_448"]
     assert all(ROW_KEYS <= set(r) for r in rows)
     base, piip = rows
-    assert piip["flops"] == count_model("piip_tsb_1120_896_448").flops and piip["convention"] == "paper"
-    assert piip["baseline"] == base["model"] and piip["flops_ratio"] == pytest.approx(piip["flops"] / base["flops"])
+    assert piip["macs"] == count_model("piip_tsb_1120_896_448").macs and piip["convention"] == "paper"
+    assert piip["baseline"] == base["model"] and piip["macs_ratio"] == pytest.approx(piip["macs"] / base["macs"])
     assert piip["latency_ms"] is None and piip["time_ratio"] is None
     with open(tmp_path / "r.csv") as f:
         assert [r["model"] for r in csv.DictReader(f)] == [r["model"] for r in rows]
@@ -71,7 +71,7 @@ def test_bench_without_latency_in_full_convention(capsys):
                      "--models", "piip_tsb_1120_896_448"]) == 0
     out = capsys.readouterr().out
     full = count_model("piip_tsb_1120_896_448", "full", 288)
-    assert f"| piip_tsb_1120_896_448 | full | 288 | {full.params / 1e6:.2f} | {full.flops / 1e9:.2f} |" in out
+    assert f"| piip_tsb_1120_896_448 | full | 288 | {full.params / 1e6:.2f} | {full.macs / 1e9:.2f} |" in out
     assert "published" not in out  # the paper-convention check only accompanies paper counts
 
 

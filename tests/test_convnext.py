@@ -67,7 +67,7 @@ def test_registered_segments_are_the_official_ones():
     assert [list(s) for s in model.segments[0]] == SEGMENTS_39  # ConvNeXt-B
     assert [list(s) for s in model.segments[2]] == SEGMENTS_T  # ConvNeXt-T
     assert model.segments[1] == even_segments(12, 12)
-    assert model.tap_stages == (0, 1, 10, 11)
+    assert model.pyramid_stages == (0, 1, 10, 11)
 
 
 def test_zero_init_convnext_branches_equal_timm_convnext():
@@ -264,7 +264,7 @@ def test_official_config_translates_to_the_registered_model():
         k: v.shape for k, v in registered.state_dict().items()
     }
     assert official.segments == registered.segments and official.branch_sizes == registered.branch_sizes
-    assert official.tap_stages == registered.tap_stages and official.windows == registered.windows
+    assert official.pyramid_stages == registered.pyramid_stages and official.windows == registered.windows
     rates = [[m.drop_prob for m in model.modules() if isinstance(m, DropPath)] for model in (official, registered)]
     assert rates[0] == rates[1] and len(rates[0]) > 0
 

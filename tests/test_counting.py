@@ -11,16 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from piip_models import PIIP, BranchCfg, InteractionCfg
 from piip_models.bench import benchmark
-from piip_models.counting import (
-    PUBLISHED,
-    BackboneTwin,
-    TowerTwin,
-    baseline_of,
-    count_flops,
-    count_model,
-    count_params,
-    paper_twin,
-)
+from piip_models.counting import BackboneTwin, TowerTwin, count_flops, count_model, count_params, paper_twin
+from piip_models.published import PUBLISHED, baseline_of
 
 TOLERANCE = 0.005  # the issue's 0.5% against the published (rounded) README numbers
 REFERENCE_TOLERANCE = 2e-4  # the §9 re-derivations carry 4-5 significant digits
@@ -35,13 +27,13 @@ def test_paper_convention_reproduces_published_numbers(row):
         assert count.params == pytest.approx(row.params, rel=TOLERANCE)
     if row.reference_params is not None:
         assert count.params == pytest.approx(row.reference_params, rel=REFERENCE_TOLERANCE)
-    if row.reference_flops is not None:
-        assert count.flops == pytest.approx(row.reference_flops, rel=REFERENCE_TOLERANCE)
+    if row.reference_macs is not None:
+        assert count.macs == pytest.approx(row.reference_macs, rel=REFERENCE_TOLERANCE)
     if row.exception:
         # documented exception (the AugReg rows of §8.19, the 13B LLaVA towers): the README's number is not this model's
-        assert abs(count.flops / row.flops - 1) > 0.05
+        assert abs(count.macs / row.macs - 1) > 0.05
     else:
-        assert count.flops == pytest.approx(row.flops, rel=TOLERANCE)
+        assert count.macs == pytest.approx(row.macs, rel=TOLERANCE)
 
 
 def test_exact_classification_counts():
@@ -50,7 +42,7 @@ def test_exact_classification_counts():
     assert count.params == 144_031_416
     # §9.2 sums MACs to 17,427,523,392 with the final norms over the class token too; ours normalises the patch
     # tokens the head reads (3 branches x 2 x D MACs fewer).
-    assert count.flops == 17_427_523_392 - 2 * (768 + 384 + 192)
+    assert count.macs == 17_427_523_392 - 2 * (768 + 384 + 192)
 
 
 def test_paper_twin_of_a_dense_backbone():
@@ -196,8 +188,8 @@ def test_benchmark_measures_each_model_beside_its_baseline(one_thread):
     assert (base.input_size, piip.input_size) == (64, 96)  # 224 / 4 and 368 / 4, rounded to 16 px
     for row in rows:
         assert row.latency_ms > 0 and row.peak_mem_mb > 0 and row.throughput == pytest.approx(1e3 / row.latency_ms)
-    assert piip.flops == count_model("piip_tsb", "paper", 96).flops
-    assert piip.flops_ratio == pytest.approx(piip.flops / base.flops)
+    assert piip.macs == count_model("piip_tsb", "paper", 96).macs
+    assert piip.macs_ratio == pytest.approx(piip.macs / base.macs)
     assert piip.time_ratio == pytest.approx(piip.latency_ms / base.latency_ms)
     assert piip.mem_ratio == pytest.approx(piip.peak_mem_mb / base.peak_mem_mb)
     assert base.baseline is None and base.time_ratio is None
@@ -238,8 +230,8 @@ def test_relative_position_windows_are_counted_as_they_run():
     """BEiT layers exist on one 28x28 window only, so the paper pass keeps their windows: qkv, proj and the attention
     term see the zero-padded windows (L@672: 42x42 -> 56x56 tokens, B@1120: 70x70 -> 84x84). Everything else equals
     the MAE pyramid of the same shapes, whose windows the pass runs globally."""
-    beit = count_model("piip_sbl_1568_1120_672_beitv2", "paper").flops
-    mae = count_model("piip_sbl_1568_1120_672_mae", "paper").flops
+    beit = count_model("piip_sbl_1568_1120_672_beitv2", "paper").macs
+    mae = count_model("piip_sbl_1568_1120_672_mae", "paper").macs
     padding = sum(
         depth * (padded**2 - side**2) * (4 * dim * dim + 2 * 28 * 28 * dim)
         for depth, dim, side, padded in ((24, 1024, 42, 56), (12, 768, 70, 84))

@@ -23,14 +23,12 @@ from safetensors.torch import load_file, save_file
 from timm.models.convnext import ConvNeXt
 
 from piip_models import BranchCfg, cli, even_segments
+from piip_models.convert import add_convert_command, convert_checkpoint, infer_model_name
 from piip_models.hub import (
     OFFICIAL_REPO,
     CheckpointError,
     UnsafeCheckpointError,
-    add_convert_command,
     check_safetensors,
-    convert_checkpoint,
-    infer_model_name,
     read_checkpoint,
     verify_cached_file,
 )

@@ -366,7 +366,7 @@ def test_segmentation_baseline_is_the_512_encoder_with_fused_mlps():
     # stride-4 level with the channels-first LayerNorm of the detection baseline
     detection = timm.create_model("piip_baseline_internvit_6b_1024", device="meta", with_fpn=True)
     assert [type(m) for m in model.fpn.p2] == [type(m) for m in detection.fpn.p2]
-    assert model.segments == detection.segments and model.tap_stages == ()
+    assert model.segments == detection.segments and model.pyramid_stages == ()
 
 
 def _readme_params(branches: tuple[BranchCfg, ...], interaction: InteractionCfg, slots: int) -> float:

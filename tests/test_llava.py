@@ -16,7 +16,8 @@ from timm.models.convnext import ConvNeXt
 
 import piip_models
 from piip_models import BranchCfg, InteractionCfg, PIIPLlava, even_segments
-from piip_models.hub import CheckpointError, infer_model_name
+from piip_models.convert import infer_model_name
+from piip_models.hub import CheckpointError
 from piip_models.layers.projector import BranchMLPProjector
 from piip_models.weights import checkpoint_filter_fn
 

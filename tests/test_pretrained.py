@@ -67,7 +67,7 @@ def test_pretrained_branches_load_from_seeded_offline_cache(tmp_path):
         src = torch.load({str(tmp_path / "source.pt")!r})
         branches = (BranchCfg("test_vit.r160_in1k", 64, even_segments(6, 3)),
                     BranchCfg("test_vit.r160_in1k", 128, even_segments(6, 3)))
-        # a registered entrypoint with other branches: the same _create_piip path as piip_tsb.branches
+        # a registered entrypoint with other branches: the same build_piip path as piip_tsb.branches
         model = timm.create_model("piip_tsb.branches", pretrained=True, branches=branches)
         custom = piip_models.create_pyramid([("test_vit.r160_in1k", 64), ("test_vit.r160_in1k", 128)],
                                             num_interactions=3, pretrained=True)

@@ -31,9 +31,10 @@ from typing import Any
 import timm
 import torch
 
-from . import list_models
-from .counting import CONVENTIONS, baseline_of, build_model, count_model, published_row
+from ._factory import list_models
+from .counting import CONVENTIONS, build_model, count_model
 from .piip import PIIP
+from .published import baseline_of, published_row
 
 __all__ = [
     "BenchRow",
@@ -183,18 +184,18 @@ def measure_in_subprocess(
 
 @dataclass
 class BenchRow:
-    """One model in one run. ``flops`` are multiply-accumulates per image; ratios are PIIP / baseline."""
+    """One model in one run. ``macs`` are multiply-accumulates per image; ratios are PIIP / baseline."""
 
     model: str
     convention: str
     input_size: int
     params: int
-    flops: int
+    macs: int
     latency_ms: float | None = None
     throughput: float | None = None
     peak_mem_mb: float | None = None
     baseline: str | None = None
-    flops_ratio: float | None = None
+    macs_ratio: float | None = None
     time_ratio: float | None = None
     mem_ratio: float | None = None
 
@@ -274,7 +275,7 @@ def benchmark(
     for name in progress(order):
         size = _scaled_size(name, scale)
         count = count_model(name, convention, size)
-        row = BenchRow(name, convention, size, count.params, count.flops)
+        row = BenchRow(name, convention, size, count.params, count.macs)
         if latency:
             result = measure_in_subprocess(name, size, batch_size, device, warmup, repeats, threads)
             row.latency_ms, row.throughput, row.peak_mem_mb = (
@@ -285,7 +286,7 @@ def benchmark(
         base = rows.get(baseline_of(row.model) or "")
         if base is not None:
             row.baseline = base.model
-            row.flops_ratio = _ratio(row.flops, base.flops)
+            row.macs_ratio = _ratio(row.macs, base.macs)
             row.time_ratio = _ratio(row.latency_ms, base.latency_ms)
             row.mem_ratio = _ratio(row.peak_mem_mb, base.peak_mem_mb)
     return list(rows.values())
@@ -308,9 +309,9 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.model} | {r.convention} | {r.input_size} | {r.params / 1e6:.2f} | {r.flops / 1e9:.2f} "
+            f"| {r.model} | {r.convention} | {r.input_size} | {r.params / 1e6:.2f} | {r.macs / 1e9:.2f} "
             f"| {_fmt(r.latency_ms, '.0f')} | {_fmt(r.throughput, '.2f')} | {_fmt(r.peak_mem_mb, '.0f')} "
-            f"| {r.baseline or '-'} | {_fmt(r.flops_ratio, '.2f')} | {_fmt(r.time_ratio, '.2f')} "
+            f"| {r.baseline or '-'} | {_fmt(r.macs_ratio, '.2f')} | {_fmt(r.time_ratio, '.2f')} "
             f"| {_fmt(r.mem_ratio, '.2f')} |"
         )
     return "\n".join(lines)
@@ -327,13 +328,13 @@ def published_table(rows: Sequence[BenchRow], progress: Callable[[Iterable], Ite
         native = _scaled_size(row.model, 1.0)
         if row.convention != "paper" or row.input_size != native:
             count = count_model(row.model, "paper")
-            row = BenchRow(row.model, "paper", native, count.params, count.flops)
+            row = BenchRow(row.model, "paper", native, count.params, count.macs)
         ref = published_row(row.model)
         params = "-" if ref.params is None else f"{ref.params / 1e6:.0f}"
         note = " (documented exception)" if ref.exception else ""
         lines.append(
-            f"| {row.model} | {native} | {row.params / 1e6:.2f} | {params} | {row.flops / 1e9:.2f} "
-            f"| {ref.flops / 1e9:.1f}{note} | {ref.source} |"
+            f"| {row.model} | {native} | {row.params / 1e6:.2f} | {params} | {row.macs / 1e9:.2f} "
+            f"| {ref.macs / 1e9:.1f}{note} | {ref.source} |"
         )
     return "\n".join(lines)
 
@@ -372,8 +373,8 @@ def write_plot(rows: Sequence[BenchRow], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     timed = all(r.latency_ms is not None for r in rows)
-    x_of = (lambda r: r.flops / 1e9) if timed else (lambda r: r.params / 1e6)
-    y_of = (lambda r: r.latency_ms) if timed else (lambda r: r.flops / 1e9)
+    x_of = (lambda r: r.macs / 1e9) if timed else (lambda r: r.params / 1e6)
+    y_of = (lambda r: r.latency_ms) if timed else (lambda r: r.macs / 1e9)
     by_name = {r.model: r for r in rows}
     fig, ax = plt.subplots(figsize=(7, 5))
     for r in rows:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import timm
 import torch
@@ -28,11 +28,9 @@ from timm.models import split_model_name_tag
 from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 
+from .config import BranchCfg
 from .layers.window_attention import WindowPadding, block_forward
 from .weights import branch_checkpoint_filter_fn, convnext_branch_checkpoint_filter_fn
-
-if TYPE_CHECKING:
-    from .piip import BranchCfg
 
 __all__ = ["BranchAdapter", "ConvNeXtAdapter", "ViTAdapter", "build_branch", "convnext_units", "unit_count"]
 
@@ -83,6 +81,10 @@ class BranchAdapter(ABC):
         checkpointing: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Grid]:
         """Runs the inclusive unit range ``units``; returns the new tokens, prefix tokens and grid."""
+
+    def final_norm(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """The branch's final norm applied to its tokens (identity for branches without one)."""
+        return tokens
 
     @abstractmethod
     def unit_of(self, name: Sequence[str]) -> int | None:
@@ -197,6 +199,9 @@ class ViTAdapter(BranchAdapter):
         if prefix is None:
             return x, None, grid
         return x[:, prefix.shape[1]:], x[:, :prefix.shape[1]], grid
+
+    def final_norm(self, model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+        return model.norm(tokens)
 
     def unit_of(self, name: Sequence[str]) -> int | None:
         if name[0] in self._STEM:

@@ -4,9 +4,10 @@
     piip-models info MODEL               configuration, branches, sizes, parameter and FLOP counts
     piip-models flops [--models ...]     parameters and FLOPs (no timing)
     piip-models bench [--models ...]     FLOPs, latency, throughput and peak memory beside the baselines
+    piip-models convert SRC --out DIR    an official checkpoint as a timm Hub folder (model.safetensors + config.json)
 
-Subcommands are contributed by registrar functions (``registrar(subparsers)`` adds a parser and sets its ``func``
-default to a handler ``func(args) -> int``); another module adds one by appending its registrar to :data:`COMMANDS`.
+Each subcommand comes from a registrar in :data:`COMMANDS`: ``registrar(subparsers)`` adds its parser and sets the
+parser's ``func`` default to a handler ``func(args) -> int``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
-from . import list_models
+from ._factory import list_models
 from .bench import (
     benchmark,
     check_plotting,
@@ -33,9 +34,10 @@ from .bench import (
     write_json,
     write_plot,
 )
-from .counting import CONVENTIONS, baseline_of, build_model, count_model, create, published_row
-from .hub import add_convert_command
+from .convert import add_convert_command
+from .counting import CONVENTIONS, build_model, count_model, create
 from .piip import PIIP
+from .published import baseline_of, published_row
 
 __all__ = ["COMMANDS", "DEFAULT_BENCH_MODELS", "DEFAULT_BENCH_SCALE", "build_parser", "main"]
 
@@ -61,7 +63,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         tags = ", ".join(n.partition(".")[2] for n in list_models(name, include_tags=True))
         row = published_row(name)
         params = f"{row.params / 1e6:.0f}M" if row and row.params else "-"
-        flops = f"{row.flops / 1e9:.1f}" if row else "-"
+        flops = f"{row.macs / 1e9:.1f}" if row else "-"
         print(f"| {name} | {cfg.input_size[-1]} | {tags} | {params} | {flops} |")
     return 0
 
@@ -105,8 +107,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     published = f", published {row.params / 1e6:.0f}M ({row.source})" if row and row.params else ""
     lines.append(f"params: {full.params:,} ({module}) / {paper.params:,} (paper convention){published}")
     side = "x".join(map(str, full.input_size))
-    lines.append(f"GMACs at {side}: {full.flops / 1e9:.2f} (full) / {paper.flops / 1e9:.2f} (paper)"
-                 + (f", published {row.flops / 1e9:.1f} ({row.source})" if row else ""))
+    lines.append(f"GMACs at {side}: {full.macs / 1e9:.2f} (full) / {paper.macs / 1e9:.2f} (paper)"
+                 + (f", published {row.macs / 1e9:.1f} ({row.source})" if row else ""))
     if row and row.exception:
         lines.append(f"note: {row.exception}")
     lines.append(f"baseline: {baseline_of(name) or '-'}")

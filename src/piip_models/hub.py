@@ -7,9 +7,10 @@
 * :func:`read_checkpoint` reads safetensors, or pickles with ``torch.load(weights_only=True)``: tensors, containers
   and a few metadata types only; a pickle that needs anything else (code) is refused, never executed. An index file
   reads the tensors PIIP loads from its shards.
-* :func:`convert_checkpoint` turns an official checkpoint into ``model.safetensors`` + timm ``config.json``, which
-  ``timm.create_model("local-dir:PATH")`` and ``timm.create_model("hf-hub:ORG/REPO")`` load after
-  ``import piip_models``; :func:`add_convert_command` registers it as an argparse ``convert`` subcommand.
+* :func:`load_checkpoint` reads a file that way and loads it into a model through the checkpoint filters of
+  :mod:`piip_models.weights`, checked before anything is copied.
+
+Conversion to the Hub format, which builds models, lives above the models in :mod:`piip_models.convert`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import pickle
 import posixpath
@@ -27,46 +27,31 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import safetensors.torch
-import timm
 import torch
+import torch.nn as nn
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 from timm.models import PretrainedCfg
-from timm.models._hub import save_config_for_hf
 
-from .weights import (
-    checkpoint_filter_fn,
-    convert_official_state_dict,
-    is_official_layout,
-    keys_to_load,
-    report_dropped,
-    unwrap_state_dict,
-)
-
-if TYPE_CHECKING:
-    from .piip import PIIP
+from .weights import checkpoint_filter_fn, keys_to_load, report_dropped
 
 __all__ = [
     "OFFICIAL_REPO",
     "CheckpointError",
     "UnsafeCheckpointError",
-    "add_convert_command",
     "check_safetensors",
-    "convert_checkpoint",
     "fetch_checkpoint",
-    "infer_model_name",
+    "is_sharded_index",
     "load_checkpoint",
     "official_checkpoint",
     "prepare_pretrained_cfg",
     "read_checkpoint",
     "verify_cached_file",
 ]
-
-_logger = logging.getLogger(__name__)
 
 OFFICIAL_REPO = "OpenGVLab/PIIP"
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
@@ -86,6 +71,11 @@ class CheckpointError(RuntimeError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint needs code (pickle globals outside the weights-only allowlist) to be read."""
+
+
+def is_sharded_index(filename: str | os.PathLike) -> bool:
+    """Whether a file name is a transformers sharded-checkpoint index (``*.index.json``)."""
+    return str(filename).endswith(_INDEX_SUFFIX)
 
 
 def official_checkpoint(path: str, repo_id: str = OFFICIAL_REPO) -> dict[str, str]:
@@ -154,7 +144,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.name.endswith(_INDEX_SUFFIX):
+    if is_sharded_index(path.name):
         return _read_sharded(path)
     if path.suffix == ".safetensors":
         check_safetensors(path)
@@ -323,7 +313,7 @@ def fetch_checkpoint(
         path = path or _download(repo_id, last, revision, cache_dir, local_only)
     except LocalEntryNotFoundError as e:
         raise _not_cached(repo_id, filename, cache_dir) from e
-    if path.name.endswith(_INDEX_SUFFIX):
+    if is_sharded_index(path.name):
         folder = posixpath.dirname(filename)
         for shard in sorted(_shards_to_read(path)[0]):
             shard = posixpath.join(folder, shard)
@@ -365,7 +355,7 @@ def prepare_pretrained_cfg(cfg: PretrainedCfg, cache_dir: str | os.PathLike | No
     return replace(cfg, file=str(file), custom_load=True)
 
 
-def load_checkpoint(model: PIIP, path: str | os.PathLike, strict: bool = True) -> None:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
     """Loads an official or piip-models checkpoint file into ``model``.
 
     The file is read safely (:func:`read_checkpoint`), official layouts are converted and detector heads dropped
@@ -374,139 +364,3 @@ def load_checkpoint(model: PIIP, path: str | os.PathLike, strict: bool = True) -
     """
     state_dict = checkpoint_filter_fn(read_checkpoint(path), model, strict=strict)
     model.load_state_dict(state_dict, strict=False)  # already checked; classifiers for another class count stay
-
-
-def _registered_checkpoints() -> dict[str, str]:
-    """Hub file stem -> ``model.tag`` for every registered PIIP tag with a released file of its own name (sharded
-    models all call their index ``model.safetensors.index.json``: those are told apart by keys and shapes)."""
-    stems = {}
-    for name in timm.list_models("piip_*", pretrained=True, include_tags=True):
-        filename = timm.get_pretrained_cfg(name).hf_hub_filename
-        if filename and not filename.endswith(_INDEX_SUFFIX):
-            stems[Path(filename).stem] = name
-    return stems
-
-
-def _converted(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    state_dict = unwrap_state_dict(checkpoint)
-    return convert_official_state_dict(state_dict) if is_official_layout(state_dict) else state_dict
-
-
-def _meta_model(model_name: str, state_dict: Mapping[str, torch.Tensor]) -> PIIP:
-    """The model on ``meta``; dense backbones get their pyramid when the checkpoint has pyramid weights."""
-    from .piip import PIIP
-
-    model = timm.create_model(model_name, device="meta")
-    if not isinstance(model, PIIP):
-        raise ValueError(f"{model_name} is not a PIIP model ({type(model).__name__})")
-    if model.head_type == "dense" and any(k.startswith("fpn.") for k in state_dict):
-        model = timm.create_model(model_name, device="meta", with_fpn=True)
-    return model
-
-
-def _as_tuple(names: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    return (names,) if isinstance(names, str) else tuple(names or ())
-
-
-def _fits(model_name: str, state_dict: Mapping[str, torch.Tensor]) -> bool:
-    try:
-        checkpoint_filter_fn(state_dict, _meta_model(model_name, state_dict))
-    except RuntimeError:  # a mismatch, or position embeddings that cannot be resampled to this model
-        return False
-    return True
-
-
-def infer_model_name(path: str | os.PathLike, checkpoint: Mapping[str, Any]) -> str:
-    """The registered model (with tag) a checkpoint belongs to: by released file name, else by keys and shapes.
-
-    Raises:
-        ValueError: No registered model fits, or several do (e.g. detection variants that differ only in
-            resolution); pass the model name explicitly then.
-    """
-    by_file = _registered_checkpoints().get(Path(path).stem)
-    if by_file:
-        return by_file
-    state_dict = _converted(checkpoint)
-    # only models with as many branches, a classifier iff the checkpoint has one and a LLaVA projector iff it has
-    # one are built (on meta) and tried
-    num_branches = len({k.split(".")[1] for k in state_dict if k.startswith("branches.")})
-    classifier = any(re.match(r"(branches\.\d+\.)?head\.", k) for k in state_dict)
-    projector = any(k.startswith("projector.") for k in state_dict)
-    candidates = [
-        name for name, cfg in ((n, timm.get_pretrained_cfg(n)) for n in timm.list_models("piip_*"))
-        if len(_as_tuple(cfg.first_conv)) == num_branches and bool(cfg.num_classes) == classifier
-        and (cfg.classifier == "projector") == projector
-    ]
-    matches = [name for name in candidates if _fits(name, state_dict)]
-    if len(matches) == 1:
-        return matches[0]
-    found = f"several models fit its keys and shapes ({', '.join(matches)})" if matches else (
-        "no registered PIIP model fits its keys and shapes")
-    raise ValueError(f"cannot tell which model {Path(path).name} is for: {found}; pass the model name")
-
-
-def convert_checkpoint(
-    src: str | os.PathLike, out_dir: str | os.PathLike, model_name: str | None = None
-) -> Path:
-    """Writes an official (or piip-models) checkpoint as ``model.safetensors`` + timm ``config.json``.
-
-    The result loads with ``timm.create_model("local-dir:<out_dir>", pretrained=True)`` after ``import
-    piip_models``, and, uploaded to a Hub repo, with ``timm.create_model("hf-hub:<org>/<repo>", pretrained=True)``.
-    Detection checkpoints keep their feature pyramid (``with_fpn=True`` is recorded in ``model_args``).
-
-    Args:
-        src: Checkpoint file (``.pth`` read with ``weights_only=True``, or ``.safetensors``), or the index of a
-            sharded checkpoint (a PIIP-LLaVA model: its vision tower and projector are converted).
-        out_dir: Output folder (created).
-        model_name: Registered name, optionally with a tag whose ``pretrained_cfg`` is written
-            (``piip_tsb.in1k``); inferred from the released file name, or from keys and shapes, when omitted.
-
-    Returns:
-        ``out_dir``.
-    """
-    checkpoint = read_checkpoint(src)
-    model_name = model_name or infer_model_name(src, checkpoint)
-    state_dict = _converted(checkpoint)
-    model = _meta_model(model_name, state_dict)
-    state_dict = checkpoint_filter_fn(state_dict, model)
-    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
-    tensors, storages = {}, set()
-    for key, value in state_dict.items():
-        value = value.detach().to(dtypes[key]).contiguous()
-        if value.untyped_storage().data_ptr() in storages:
-            value = value.clone()  # safetensors refuses tensors that share memory
-        storages.add(value.untyped_storage().data_ptr())
-        tensors[key] = value
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    save_config_for_hf(model, out_dir / "config.json")
-    _logger.info("converted %s (%s) to %s", src, model_name, out_dir)
-    return out_dir
-
-
-def _convert_command(args: argparse.Namespace) -> int:
-    out_dir = convert_checkpoint(args.src, args.out, model_name=args.model)
-    print(f"wrote {out_dir / 'model.safetensors'} and {out_dir / 'config.json'}; load it with "
-          f"timm.create_model('local-dir:{out_dir}', pretrained=True) after import piip_models")
-    return 0
-
-
-def add_convert_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Registers the ``convert`` subcommand (``args.func(args)`` runs it and returns the exit code)."""
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert an official PIIP checkpoint to model.safetensors + timm config.json",
-        description="Convert an official OpenGVLab/PIIP checkpoint (or a piip-models state dict) to a timm Hub "
-        "folder: model.safetensors + config.json, loadable with timm.create_model('local-dir:OUT').",
-    )
-    parser.add_argument(
-        "src", help="checkpoint file (.pth is read with weights_only=True, or .safetensors), or the "
-        "model.safetensors.index.json of a sharded PIIP-LLaVA checkpoint (its vision tower and projector)"
-    )
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--model", default=None, help="model name[.tag]; inferred from the file name or its keys when omitted"
-    )
-    parser.set_defaults(func=_convert_command)
-    return parser

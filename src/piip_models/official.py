@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .piip import PIIP, BranchCfg, InteractionCfg
+from .config import BranchCfg, InteractionCfg
+from .piip import PIIP
 
 __all__ = ["branch_cfg_from_official", "model_kwargs_from_official", "build_from_official"]
 

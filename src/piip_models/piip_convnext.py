@@ -24,19 +24,21 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
-from .piip import PIIP, BranchCfg, _deit1_det, _deit3_det, _dense, _dense_cfg
+from ._builder import CONVNEXT_39_SEGMENTS, build_dense, deit3_detection_branch, deit_detection_branch, dense_cfg
+from .config import BranchCfg
+from .piip import PIIP
 
 __all__: list[str] = []
 
-# Segments of the official configs: one per stage end for the first two interactions, then stage 3 in pieces.
-_CONVNEXT_39_SEGMENTS = ((0, 2), (3, 6), (7, 10), *((s, s + 2) for s in range(11, 35, 3)), (35, 38))
+# Segments of the official ConvNeXt-T configs: one per stage end for the first two interactions, then stage 3 in
+# pieces (the 39-unit ConvNeXts use CONVNEXT_39_SEGMENTS).
 _CONVNEXT_T_SEGMENTS = ((0, 2), (3, 6), (7, 8), *((u, u) for u in range(9, 17)), (17, 20))
 # Interactions whose outputs are merged into pyramid maps (official ``out_interaction_indexes``).
 _MERGE_STAGES = (0, 1, 10)
 
 
 def _convnext(size: str, img_size: int, drop_path_rate: float) -> BranchCfg:
-    segments = _CONVNEXT_T_SEGMENTS if size == "tiny" else _CONVNEXT_39_SEGMENTS
+    segments = _CONVNEXT_T_SEGMENTS if size == "tiny" else CONVNEXT_39_SEGMENTS
     return BranchCfg(f"convnext_{size}.fb_in1k", img_size, segments, drop_path_rate, "linear")
 
 
@@ -45,16 +47,16 @@ _BRANCHES = {
     "ct": lambda: _convnext("tiny", 1024, 0.3),
     "cs": lambda: _convnext("small", 672, 0.3),
     "cb": lambda: _convnext("base", 448, 0.4),
-    "vt": lambda: _deit1_det(1024, 14),
-    "vs": lambda: _deit3_det("small", 672, 0.05, 14),
-    "vb": lambda: _deit3_det("base", 448, 0.15, 14),
+    "vt": lambda: deit_detection_branch(1024, 14),
+    "vs": lambda: deit3_detection_branch("small", 672, 0.05, 14),
+    "vb": lambda: deit3_detection_branch("base", 448, 0.15, 14),
 }
 
 
 def _combo(variant: str, letters: tuple[str, str, str], pretrained: bool, kwargs: dict[str, Any]) -> PIIP:
     """``letters`` small to large (``('ct', 'vs', 'cb')``); branch 0 is the large one."""
     branches = tuple(_BRANCHES[letter]() for letter in reversed(letters))
-    return _dense(variant, branches, pretrained, kwargs, merge_stages=_MERGE_STAGES)
+    return build_dense(variant, branches, pretrained, kwargs, merge_stages=_MERGE_STAGES)
 
 
 def _first_convs(letters: tuple[str, ...]) -> tuple[str, ...]:
@@ -67,7 +69,7 @@ def _first_convs(letters: tuple[str, ...]) -> tuple[str, ...]:
 
 def _combo_cfg(letters: tuple[str, str, str], file: str | None = None) -> dict[str, Any]:
     # The ConvNeXt-family configs normalise with ImageNet statistics.
-    return _dense_cfg(
+    return dense_cfg(
         1024, 3, file, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv=_first_convs(letters)
     )
 
@@ -84,7 +86,7 @@ default_cfgs = generate_default_cfgs({
     "piip_vt_cs_cb_1024_672_448.branches": _combo_cfg(("vt", "cs", "cb")),
     "piip_vt_vs_cb_1024_672_448.branches": _combo_cfg(("vt", "vs", "cb")),
     # the baseline config normalises to [-1, 1] like the ViT detection configs
-    "piip_baseline_convnext_b_1024.branches": _dense_cfg(1024, 1, first_conv=("branches.0.stem.0",)),
+    "piip_baseline_convnext_b_1024.branches": dense_cfg(1024, 1, first_conv=("branches.0.stem.0",)),
 })
 
 
@@ -134,4 +136,4 @@ def piip_vt_vs_cb_1024_672_448(pretrained: bool = False, **kwargs) -> PIIP:
 def piip_baseline_convnext_b_1024(pretrained: bool = False, **kwargs) -> PIIP:
     """Single-branch ConvNeXt-B @1024 baseline: its four stage outputs (strides 4-32) are the pyramid (42.4 / 38.7)."""
     branch = BranchCfg("convnext_base.fb_in1k", 1024, ((0, 2), (3, 6), (7, 34), (35, 38)))
-    return _dense("piip_baseline_convnext_b_1024", (branch,), pretrained, kwargs, merge_stages=(0, 1, 2))
+    return build_dense("piip_baseline_convnext_b_1024", (branch,), pretrained, kwargs, merge_stages=(0, 1, 2))

@@ -16,18 +16,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
 from . import internvit  # noqa: F401  (registers internvit_6b_patch14_224 before any branch is built)
-from .piip import PIIP, BranchCfg, InteractionCfg, _dense, _dense_cfg, even_segments
+from ._builder import build_dense, dense_cfg
+from .config import BranchCfg, InteractionCfg, even_segments, segments_of_lengths
+from .piip import PIIP
 
 __all__: list[str] = []  # entrypoints are added by register_model
 
 _NO_PROJ_NO_NORM = InteractionCfg(with_proj=False, with_norm=False)
 _FUSED_MLP = dict(act_layer="gelu_tanh")  # flash-attn FusedMLP(activation="gelu_approx") of the official configs
-
-
-def segments_of_lengths(lengths: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """Contiguous inclusive block segments of the given lengths, from block 0."""
-    bounds = [sum(lengths[:i]) for i in range(len(lengths) + 1)]
-    return tuple((bounds[i], bounds[i + 1] - 1) for i in range(len(lengths)))
 
 
 # MAE ViT-H (32 blocks) against InternViT-6B's 12 x 4: four 2-block, then eight 3-block segments.
@@ -95,7 +91,7 @@ def lh6b_branches(sizes: tuple[int, int, int]) -> tuple[BranchCfg, BranchCfg, Br
 
 def _seg(variant: str, size: int, pretrained: bool, kwargs: dict[str, Any]) -> PIIP:
     branches = h6b_branches((size, 512), fused_mlp=True, pos_embed_size=None)
-    return _dense(variant, branches, pretrained, kwargs, interaction=_NO_PROJ_NO_NORM)
+    return build_dense(variant, branches, pretrained, kwargs, interaction=_NO_PROJ_NO_NORM)
 
 
 # Segmentation configs keep mmseg's ADE20K ImageNet statistics; the detection configs normalise to [-1, 1].
@@ -107,65 +103,65 @@ def _seg_file(size: int) -> str:
 
 # The first tag of a model is its default: the released checkpoint (OpenGVLab/PIIP) where one exists.
 default_cfgs = generate_default_cfgs({
-    "piip_h6b_1024_512.coco_mask_rcnn": _dense_cfg(
+    "piip_h6b_1024_512.coco_mask_rcnn": dense_cfg(
         1024, 2, file="detection/mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms.pth"),
-    "piip_h6b_1024_512.branches": _dense_cfg(1024, 2),
-    "piip_h6b_1024_512_speedup.coco_mask_rcnn": _dense_cfg(
+    "piip_h6b_1024_512.branches": dense_cfg(1024, 2),
+    "piip_h6b_1024_512_speedup.coco_mask_rcnn": dense_cfg(
         1024, 2, file="detection/mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms_speedup.pth"),
-    "piip_h6b_1024_512_speedup.branches": _dense_cfg(1024, 2),
-    "piip_h6b_1024_768_dino.coco_dino": _dense_cfg(
+    "piip_h6b_1024_512_speedup.branches": dense_cfg(1024, 2),
+    "piip_h6b_1024_768_dino.coco_dino": dense_cfg(
         1024, 2, file="detection/dino_4scale_internvit_h6b_1024_768_fpn_1x_coco_bs32_ms.pth"),
-    "piip_h6b_1024_768_dino.branches": _dense_cfg(1024, 2),
-    "piip_lh6b_1536_1024_512.branches": _dense_cfg(1536, 3),
-    "piip_lh6b_1536_1024_512_dino.branches": _dense_cfg(1536, 3),
-    "piip_h6b_512_192.ade20k_upernet": _dense_cfg(512, 2, file=_seg_file(192), **_SEG_NORM),
-    "piip_h6b_512_192.branches": _dense_cfg(512, 2, **_SEG_NORM),
-    "piip_h6b_512_256.ade20k_upernet": _dense_cfg(512, 2, file=_seg_file(256), **_SEG_NORM),
-    "piip_h6b_512_256.branches": _dense_cfg(512, 2, **_SEG_NORM),
-    "piip_h6b_512_384.ade20k_upernet": _dense_cfg(512, 2, file=_seg_file(384), **_SEG_NORM),
-    "piip_h6b_512_384.branches": _dense_cfg(512, 2, **_SEG_NORM),
-    "piip_h6b_512_512.ade20k_upernet": _dense_cfg(512, 2, file=_seg_file(512), **_SEG_NORM),
-    "piip_h6b_512_512.branches": _dense_cfg(512, 2, **_SEG_NORM),
-    "piip_baseline_internvit_6b_1024.coco_mask_rcnn": _dense_cfg(
+    "piip_h6b_1024_768_dino.branches": dense_cfg(1024, 2),
+    "piip_lh6b_1536_1024_512.branches": dense_cfg(1536, 3),
+    "piip_lh6b_1536_1024_512_dino.branches": dense_cfg(1536, 3),
+    "piip_h6b_512_192.ade20k_upernet": dense_cfg(512, 2, file=_seg_file(192), **_SEG_NORM),
+    "piip_h6b_512_192.branches": dense_cfg(512, 2, **_SEG_NORM),
+    "piip_h6b_512_256.ade20k_upernet": dense_cfg(512, 2, file=_seg_file(256), **_SEG_NORM),
+    "piip_h6b_512_256.branches": dense_cfg(512, 2, **_SEG_NORM),
+    "piip_h6b_512_384.ade20k_upernet": dense_cfg(512, 2, file=_seg_file(384), **_SEG_NORM),
+    "piip_h6b_512_384.branches": dense_cfg(512, 2, **_SEG_NORM),
+    "piip_h6b_512_512.ade20k_upernet": dense_cfg(512, 2, file=_seg_file(512), **_SEG_NORM),
+    "piip_h6b_512_512.branches": dense_cfg(512, 2, **_SEG_NORM),
+    "piip_baseline_internvit_6b_1024.coco_mask_rcnn": dense_cfg(
         1024, 1, file="detection/mask_rcnn_internvit_6b_fpn_1x_coco_bs16_ms.pth"),
-    "piip_baseline_internvit_6b_1024.branches": _dense_cfg(1024, 1),
-    "piip_baseline_internvit_6b_512.ade20k_upernet": _dense_cfg(
+    "piip_baseline_internvit_6b_1024.branches": dense_cfg(1024, 1),
+    "piip_baseline_internvit_6b_512.ade20k_upernet": dense_cfg(
         512, 1, file="segmentation/upernet_internvit_6b_512_80k_ade20k_bs16_lr4e-5.pth", **_SEG_NORM),
-    "piip_baseline_internvit_6b_512.branches": _dense_cfg(512, 1, **_SEG_NORM),
+    "piip_baseline_internvit_6b_512.branches": dense_cfg(512, 1, **_SEG_NORM),
 })
 
 
 @register_model
 def piip_h6b_1024_512(pretrained: bool = False, **kwargs: Any) -> PIIP:
     """PIIP-H6B 1024/512 Mask R-CNN backbone: MAE ViT-H@1024, InternViT-6B@512 (COCO 55.8 box / 49.0 mask AP)."""
-    return _dense("piip_h6b_1024_512", h6b_branches((512, 1024)), pretrained, kwargs)
+    return build_dense("piip_h6b_1024_512", h6b_branches((512, 1024)), pretrained, kwargs)
 
 
 @register_model
 def piip_h6b_1024_512_speedup(pretrained: bool = False, **kwargs: Any) -> PIIP:
     """PIIP-H6B 1024/512, faster variant: interactions without projections or norms, tanh-GELU MLPs (55.6 / 49.0)."""
     branches = h6b_branches((512, 1024), fused_mlp=True)
-    return _dense("piip_h6b_1024_512_speedup", branches, pretrained, kwargs, interaction=_NO_PROJ_NO_NORM)
+    return build_dense("piip_h6b_1024_512_speedup", branches, pretrained, kwargs, interaction=_NO_PROJ_NO_NORM)
 
 
 @register_model
 def piip_h6b_1024_768_dino(pretrained: bool = False, **kwargs: Any) -> PIIP:
     """PIIP-H6B 1024/768 DINO backbone: MAE ViT-H@1024, InternViT-6B@768, 3 pyramid levels (COCO 60.0 box AP)."""
-    return _dense("piip_h6b_1024_768_dino", h6b_branches((768, 1024)), pretrained, kwargs, fpn_levels=(1, 2, 3))
+    return build_dense("piip_h6b_1024_768_dino", h6b_branches((768, 1024)), pretrained, kwargs, fpn_levels=(1, 2, 3))
 
 
 @register_model
 def piip_lh6b_1536_1024_512(pretrained: bool = False, **kwargs: Any) -> PIIP:
     """PIIP-LH6B 1536/1024/512 Mask R-CNN backbone: DeiT III-L@1536, MAE ViT-H@1024, InternViT-6B@512."""
     branches = lh6b_branches((512, 1024, 1536))
-    return _dense("piip_lh6b_1536_1024_512", branches, pretrained, kwargs, interaction=_NO_PROJ_NO_NORM)
+    return build_dense("piip_lh6b_1536_1024_512", branches, pretrained, kwargs, interaction=_NO_PROJ_NO_NORM)
 
 
 @register_model
 def piip_lh6b_1536_1024_512_dino(pretrained: bool = False, **kwargs: Any) -> PIIP:
     """PIIP-LH6B 1536/1024/512 DINO backbone (3 pyramid levels)."""
     branches = lh6b_branches((512, 1024, 1536))
-    return _dense(
+    return build_dense(
         "piip_lh6b_1536_1024_512_dino", branches, pretrained, kwargs, interaction=_NO_PROJ_NO_NORM,
         fpn_levels=(1, 2, 3),
     )
@@ -200,7 +196,7 @@ def piip_baseline_internvit_6b_1024(pretrained: bool = False, **kwargs: Any) -> 
     """Single-branch InternViT-6B @1024 baseline, global attention, simple feature pyramid with the official
     channels-first LayerNorm in its stride-4 level (COCO 53.8 / 48.1)."""
     branch = _internvit_6b(1024, even_segments(48, 4), False, 224)
-    return _dense("piip_baseline_internvit_6b_1024", (branch,), pretrained, kwargs, fpn_norm="layer")
+    return build_dense("piip_baseline_internvit_6b_1024", (branch,), pretrained, kwargs, fpn_norm="layer")
 
 
 @register_model
@@ -212,4 +208,4 @@ def piip_baseline_internvit_6b_512(pretrained: bool = False, **kwargs: Any) -> P
     but the backbone's default ``use_simple_fpn=True`` feeds all four levels from block 47).
     """
     branch = _internvit_6b(512, even_segments(48, 4), True, None)
-    return _dense("piip_baseline_internvit_6b_512", (branch,), pretrained, kwargs, fpn_norm="layer")
+    return build_dense("piip_baseline_internvit_6b_512", (branch,), pretrained, kwargs, fpn_norm="layer")

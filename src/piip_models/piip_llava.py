@@ -29,10 +29,11 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
+from ._builder import CONVNEXT_39_SEGMENTS, build_piip, piip_cfg
+from .config import BranchCfg, InteractionCfg, even_segments
 from .hub import official_checkpoint
 from .layers.projector import BranchMLPProjector
-from .piip import PIIP, BranchCfg, InteractionCfg, _cfg, _create_piip, even_segments
-from .piip_convnext import _CONVNEXT_39_SEGMENTS
+from .piip import PIIP
 
 __all__ = ["PIIPLlava"]
 
@@ -117,14 +118,14 @@ def _llava(
 ) -> PIIPLlava:
     # llm_dim is the tower's default; a caller's llm_dim= overrides it
     model_kwargs = {"branches": branches, "llm_dim": llm_dim, **kwargs}
-    return _create_piip(variant, pretrained, model_cls=PIIPLlava, **model_kwargs)
+    return build_piip(variant, pretrained, model_cls=PIIPLlava, **model_kwargs)
 
 
 def _convnext_clip_l_1024_336(
     variant: str, convnext: str, interactions: int, pretrained: bool, kwargs: dict[str, Any]
 ) -> PIIPLlava:
     """CLIP-L/16@336 and a CLIP ConvNeXt@1024 interacting 12 (7B) or 24 (13B, 5120-wide tokens) times."""
-    segments = _CONVNEXT_39_SEGMENTS if interactions == 12 else _CONVNEXT_39_SEGMENTS_24
+    segments = CONVNEXT_39_SEGMENTS if interactions == 12 else _CONVNEXT_39_SEGMENTS_24
     branches = (_clip(_CLIP_L_336, 336, 336, interactions), BranchCfg(convnext, 1024, segments))
     return _llava(variant, branches, pretrained, kwargs, llm_dim=4096 if interactions == 12 else 5120)
 
@@ -142,8 +143,8 @@ def _llava_cfg(input_size: int, convnext: bool, repo: str | None = None) -> dict
         dict(notes=("timm-pretrained CLIP/ConvNeXt branches with zero-initialised interactions and a fresh projector",))
     )
     # LLaVA's PIIP image processor center-crops to the last branch's size and normalises with ImageNet statistics.
-    return _cfg(
-        input_size, 2, "none", num_classes=0, classifier="projector", mean=IMAGENET_DEFAULT_MEAN,
+    return piip_cfg(
+        input_size, 2, False, num_classes=0, classifier="projector", mean=IMAGENET_DEFAULT_MEAN,
         std=IMAGENET_DEFAULT_STD, first_conv=("branches.0.patch_embed.proj", "branches.1.stem.0" if convnext
                                               else "branches.1.patch_embed.proj"),
         paper_ids="arXiv:2501.07783",

@@ -2,7 +2,7 @@
 
 Weight compatibility lives here, never in ``forward``: position embeddings are resampled to the model's grids, the
 official key names (``branch{k}.``, ``gamma_1``, ``interaction_units_{ab}``, ``merge_branch{k}``, ``w{k}``, ...) are
-renamed to the timm-style names of :class:`piip_models.piip.PIIP`, detector heads and the language model of a
+renamed to the timm-style names of :class:`piip_models.PIIP`, detector heads and the language model of a
 PIIP-LLaVA checkpoint are dropped (and logged), and the result is checked against the model before anything is loaded.
 """
 
@@ -13,7 +13,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,9 +23,6 @@ from timm.models.convnext import ConvNeXt
 from timm.models.convnext import checkpoint_filter_fn as convnext_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
-
-if TYPE_CHECKING:
-    from .piip import PIIP
 
 __all__ = [
     "CheckpointMismatchError",
@@ -337,7 +334,7 @@ def _listing(title: str, lines: list[str]) -> str:
     return f"\n  {title} ({len(lines)}):{shown}{more}" if lines else ""
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: PIIP) -> dict[str, torch.Tensor]:
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Checks a converted state dict against ``model`` before anything is loaded.
 
     Classifier tensors for another class count (``num_classes`` differs from the checkpoint's, or 0) are left out so
@@ -382,7 +379,9 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: PIIP) -> dic
     return dict(state_dict)
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PIIP, strict: bool = True) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: nn.Module, strict: bool = True
+) -> dict[str, torch.Tensor]:
     """Loads piip-models or official PIIP checkpoints into ``model``, resampling position embeddings per branch.
 
     Official layouts (classification, detection with their ``backbone.`` prefix and detector heads, single-ViT

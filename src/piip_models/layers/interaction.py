@@ -30,7 +30,8 @@ class BranchGeometry:
     ref_points: torch.Tensor
 
     @property
-    def shape(self) -> tuple[tuple[int, int]]:
+    def spatial_shapes(self) -> tuple[tuple[int, int]]:
+        """The grid as deformable attention takes its value levels: one ``(height, width)`` level."""
         return ((self.height, self.width),)
 
 
@@ -41,7 +42,6 @@ class ConvFFN(nn.Module):
         self,
         dim: int,
         hidden_dim: int,
-        drop: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -50,15 +50,13 @@ class ConvFFN(nn.Module):
         self.fc1 = nn.Linear(dim, hidden_dim, **dd)
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim, **dd)
         self.act = nn.GELU()
-        self.drop = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim, **dd)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)
         batch, _, channels = x.shape
         x = self.dwconv(x.transpose(1, 2).reshape(batch, channels, height, width)).flatten(2).transpose(1, 2)
-        x = self.drop(self.act(x))
-        return self.drop(self.fc2(x))
+        return self.fc2(self.act(x))
 
 
 class Injector(nn.Module):
@@ -76,7 +74,6 @@ class Injector(nn.Module):
         deform_ratio: float = 0.5,
         with_cffn: bool = True,
         cffn_ratio: float = 0.25,
-        drop: float = 0.0,
         drop_path: float = 0.0,
         with_norm: bool = True,
         device: torch.device | str | None = None,
@@ -94,13 +91,13 @@ class Injector(nn.Module):
         self.ca_gamma = nn.Parameter(torch.zeros(dim, **dd))
         self.with_cffn = with_cffn
         if with_cffn:
-            self.ffn = ConvFFN(dim, int(dim * cffn_ratio), drop=drop, **dd)
+            self.ffn = ConvFFN(dim, int(dim * cffn_ratio), **dd)
             self.ffn_norm = norm(dim)
             self.cffn_gamma = nn.Parameter(torch.zeros(dim, **dd))
             self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, query: torch.Tensor, feat: torch.Tensor, query_geom: BranchGeometry, feat_geom: BranchGeometry):
-        attn = self.attn(self.query_norm(query), query_geom.ref_points, self.feat_norm(feat), feat_geom.shape)
+        attn = self.attn(self.query_norm(query), query_geom.ref_points, self.feat_norm(feat), feat_geom.spatial_shapes)
         query = query + self.ca_gamma * attn
         if self.with_cffn:
             ffn = self.ffn(self.ffn_norm(query), query_geom.height, query_geom.width)
