@@ -1,75 +1,39 @@
-"""Mask R-CNN with a PIIP backbone: one training step and one inference on synthetic data.
+"""Fine-tune a PIIP Mask R-CNN in torchvision: training steps and one inference on synthetic data.
 
-A PIIP detection backbone (``features_only=True``: the simple feature pyramid at strides 4/8/16/32) feeds a
-torchvision :class:`~torchvision.ops.FeaturePyramidNetwork` (256 channels plus a max-pooled stride-64 level, as
-torchvision's ``BackboneWithFPN``), which feeds a stock torchvision :class:`~torchvision.models.detection.MaskRCNN`.
+The detector is :func:`piip_models.detection.mask_rcnn`: a stock torchvision ``MaskRCNN`` around
+:class:`~piip_models.detection.PIIPBackboneWithFPN` (the PIIP feature pyramid at strides 4/8/16/32 and a torchvision
+FPN with a max-pooled stride-64 level), with anchors, box coders, RoI pooling and image transform set up as the
+released mmdet detectors.
 
     python examples/maskrcnn_piip.py                                   # piip_tsb_1120_896_448 at 224 px, CPU
     python examples/maskrcnn_piip.py --model piip_sbl_1568_1120_672 --size 256 --steps 2 --grad-checkpointing
 
 The defaults are sized for a laptop CPU (random weights, 224 px images, few RPN proposals). For real training:
 
-* ``--pretrained`` builds the backbone with ``pretrained=True``: the released COCO backbone of the model
-  (``OpenGVLab/PIIP``, e.g. ``piip_tsb_1120_896_448.coco_mask_rcnn``) is fetched from the Hugging Face Hub; with
-  ``--model <name>.branches`` only the timm branch weights load, and interactions and merges start from their
+* ``--pretrained`` starts from the released COCO Mask R-CNN of the model (``OpenGVLab/PIIP``, e.g.
+  ``piip_tsb_1120_896_448.coco_mask_rcnn``, fetched from the Hugging Face Hub): backbone, FPN, RPN and RoI heads
+  load, the class-specific layers start fresh for ``--num-classes`` (unless it is 91, COCO's category ids). With
+  ``--model <name>.branches`` only the timm branch weights load and interactions and merges start from their
   zero-gated init, so the pyramid starts out as the independent pretrained branches.
 * Replace :func:`synthetic_batch` with a real dataset (e.g. ``torchvision.datasets.CocoDetection`` wrapped by
-  ``torchvision.datasets.wrap_dataset_for_transforms_v2``): images as float ``[0, 1]`` CHW tensors and targets as
-  dicts with ``boxes`` (absolute ``x1, y1, x2, y2``), ``labels`` (int64, 0 is background) and ``masks``
-  (uint8 ``N x H x W``). Normalisation is done by the detector, with the backbone's ``pretrained_cfg`` mean/std.
-* Use the detection resolution of the model (``--size 1120`` for ``piip_tsb_1120_896_448``), torchvision's default
-  RPN/ROI sampling (drop the reductions in :func:`build_maskrcnn`), an AdamW schedule like the official detection
-  configs, and ``--grad-checkpointing`` to trade compute for activation memory.
-
-Needs torchvision (not a dependency of ``piip-models``).
+  ``torchvision.datasets.wrap_dataset_for_transforms_v2``): images as float ``[0, 1]`` RGB CHW tensors and targets
+  as dicts with ``boxes`` (absolute ``x1, y1, x2, y2``), ``labels`` (int64, 0 is background) and ``masks``
+  (uint8 ``N x H x W``). Normalisation and resizing are done by the detector (the detection config's mean/std).
+* Keep the detector's own input size (drop ``min_size``/``max_size`` in :func:`build_maskrcnn`: 1568 x 941 for
+  ``piip_tsb_1568_1120_672``) and the RPN/RoI sampling of the released configs (drop the reductions), an AdamW
+  schedule like the official detection configs, and ``--grad-checkpointing`` to trade compute for activation memory.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-import timm
 import torch
-import torch.nn as nn
 from torchvision.models.detection import MaskRCNN
-from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-import piip_models  # noqa: F401  (registers the piip_* models with timm)
-
-
-class PIIPBackboneWithFPN(nn.Module):
-    """PIIP feature pyramid followed by a torchvision FPN, the backbone interface torchvision detectors expect.
-
-    Args:
-        model_name: A dense (detection) PIIP model, e.g. ``piip_tsb_1120_896_448``.
-        out_channels: FPN width.
-        pretrained: Load pretrained backbone weights.
-        **kwargs: Passed to ``timm.create_model`` (e.g. ``img_size``, ``branch_sizes``).
-    """
-
-    def __init__(self, model_name: str, out_channels: int = 256, pretrained: bool = False, **kwargs: Any) -> None:
-        super().__init__()
-        self.body = timm.create_model(model_name, pretrained=pretrained, features_only=True, **kwargs)
-        self.fpn = FeaturePyramidNetwork(
-            self.body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool()
-        )
-        self.out_channels = out_channels
-
-    @property
-    def pretrained_cfg(self) -> dict[str, Any]:
-        return self.body.pretrained_cfg
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        # features_only wraps the PIIP model in a timm FeatureGetterNet that does not forward this call.
-        self.body.model.set_grad_checkpointing(enable)
-
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        # Keys '0'..'3' are what MaskRCNN's default MultiScaleRoIAlign pools from; the FPN appends 'pool'.
-        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+from piip_models.detection import mask_rcnn
 
 
 def build_maskrcnn(
@@ -83,24 +47,20 @@ def build_maskrcnn(
     """Mask R-CNN on a PIIP backbone, with images resized to ``size`` and a light RPN/ROI budget for small inputs.
 
     Args:
-        model_name: Dense PIIP model name.
+        model_name: Dense PIIP model name (optionally with a tag).
         num_classes: Classes including background.
         size: Detector input size (shorter and longer side limit).
-        pretrained: Load pretrained backbone weights.
+        pretrained: Start from the released COCO detector (or the tag's backbone weights).
         grad_checkpointing: Recompute the backbone's activations in backward.
         score_thresh: Minimum class score of a detection at inference.
     """
-    backbone = PIIPBackboneWithFPN(model_name, pretrained=pretrained)
-    backbone.set_grad_checkpointing(grad_checkpointing)
-    cfg = backbone.pretrained_cfg
-    return MaskRCNN(
-        backbone,
+    model = mask_rcnn(
+        model_name,
+        pretrained=pretrained,
         num_classes=num_classes,
         min_size=size,
         max_size=size,
-        image_mean=list(cfg["mean"]),
-        image_std=list(cfg["std"]),
-        # torchvision's defaults (2000/1000 proposals, 256/512 sampled anchors/ROIs) are for ~800 px COCO images.
+        # the released configs' 2000/1000 proposals and 256/512 sampled anchors/RoIs are for ~1000 px COCO images
         rpn_pre_nms_top_n_train=200,
         rpn_post_nms_top_n_train=100,
         rpn_pre_nms_top_n_test=100,
@@ -110,6 +70,8 @@ def build_maskrcnn(
         box_score_thresh=score_thresh,
         box_detections_per_img=20,
     )
+    model.backbone.set_grad_checkpointing(grad_checkpointing)
+    return model
 
 
 def synthetic_batch(
@@ -168,7 +130,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=4, help="classes including background")
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--pretrained", action="store_true", help="load pretrained backbone weights (Hub)")
+    parser.add_argument("--pretrained", action="store_true", help="start from the released COCO detector (Hub)")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute backbone activations")
     parser.add_argument("--score-thresh", type=float, default=0.05, help="minimum score of a detection")
     parser.add_argument("--seed", type=int, default=0)
