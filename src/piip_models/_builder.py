@@ -18,6 +18,7 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from .branches import unit_count
 from .config import BranchCfg, even_segments
+from .features import PIIPFeatures
 from .hub import official_checkpoint, prepare_pretrained_cfg
 from .piip import PIIP
 from .weights import checkpoint_filter_fn
@@ -52,8 +53,8 @@ def build_piip(variant: str, pretrained: bool = False, model_cls: type[PIIP] = P
 
     With ``pretrained=True`` a tag with a released checkpoint is fetched, verified and loaded through
     :meth:`PIIP.load_pretrained`; a tag without one (``branches``) loads every branch's timm weights instead, with the
-    interactions at their zero init. ``features_only=True`` gives timm's getter over the feature taps; dense models
-    then build their feature pyramid.
+    interactions at their zero init. ``features_only=True`` gives :class:`~piip_models.features.PIIPFeatures`, timm's
+    getter over the feature taps; dense models then build their feature pyramid.
 
     Args:
         variant: Registered architecture name.
@@ -80,12 +81,12 @@ def build_piip(variant: str, pretrained: bool = False, model_cls: type[PIIP] = P
         pretrained and not load_branches,
         pretrained_cfg=pretrained_cfg,
         pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get("pretrained_strict", True)),
-        feature_cfg=dict(feature_cls="getter", out_indices=_default_out_indices(kwargs)),
+        feature_cfg=dict(feature_cls=PIIPFeatures, out_indices=_default_out_indices(kwargs)),
         cache_dir=cache_dir,
         **kwargs,
     )
     if load_branches:
-        # features_only wraps the pyramid (timm's FeatureGetterNet keeps it as .model)
+        # features_only wraps the pyramid (PIIPFeatures keeps it as .model)
         (model.model if kwargs.get("features_only") else model).load_branch_weights(cache_dir=cache_dir)
     return model
 

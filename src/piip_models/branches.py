@@ -41,6 +41,27 @@ def _run(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, checkpoint
     return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False) if checkpointing else fn(x)
 
 
+class _ExpandBatch(torch.autograd.Function):
+    """``token.expand(batch, -1, -1)`` whose gradient is always summed over the batch into a tensor of its own.
+
+    An expand's gradient at batch 1 is the token's slice of the sequence gradient itself, strided like the whole
+    sequence; autograd keeps it (only size-1 dimensions differ from the parameter's layout), and DDP, which compares
+    every stride, then warned "Grad strides do not match bucket view strides".
+    """
+
+    @staticmethod
+    def forward(token: torch.Tensor, batch: int) -> torch.Tensor:
+        return token.expand(batch, -1, -1)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.sum(0, keepdim=True), None
+
+
 class BranchAdapter(ABC):
     """What PIIP needs to know about a branch, independent of its architecture.
 
@@ -168,7 +189,7 @@ class ViTAdapter(BranchAdapter):
                 antialias=False,
             )
         x = model.pos_drop(x)
-        prefix = [t.expand(batch, -1, -1) for t in (model.cls_token, model.reg_token) if t is not None]
+        prefix = [_ExpandBatch.apply(t, batch) for t in (model.cls_token, model.reg_token) if t is not None]
         prefix_tokens = None
         if prefix:
             prefix_tokens = torch.cat(prefix, dim=1)

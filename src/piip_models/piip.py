@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -41,6 +42,7 @@ from .layers.heads import BranchHeads, FeatureHead, LinearHead
 from .layers.interaction import BranchGeometry, InteractionBlock, init_piip_weights
 from .layers.merge import classification_merge, dense_merge, merge_maps, regular_dense_merge
 from .layers.msdeform_attn import reference_points
+from .layers.permute import depthwise_kernels_channels_last
 from .layers.pyramid import build_feature_taps
 from .layers.window_attention import WindowPadding
 
@@ -82,6 +84,7 @@ class PIIP(nn.Module):
         fpn_norm: Literal["group", "layer"] = "group",
         merge_stages: Sequence[int] = (),
         drop_rate: float = 0.0,
+        drop_path_rate: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -115,12 +118,20 @@ class PIIP(nn.Module):
                 every merge is the lighter (Conv3x3-)GroupNorm-ReLU. Needed by branches whose width changes between
                 stages (ConvNeXt).
             drop_rate: Dropout before the classifier.
+            drop_path_rate: Stochastic depth as timm's factory argument means it: when given, every branch's blocks
+                get a linear schedule from 0 at its first block to this rate at its last (replacing the configured
+                per-branch ``BranchCfg.drop_path_rate``/``drop_path_mode``); the interactions keep
+                ``interaction.drop_path_rate``. None keeps the branch configs.
             device: Parameter device.
             dtype: Parameter dtype.
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         branches = tuple(branches)
+        if drop_path_rate is not None:
+            if not 0.0 <= drop_path_rate < 1.0:
+                raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+            branches = tuple(replace(b, drop_path_rate=drop_path_rate, drop_path_mode="linear") for b in branches)
         merge_stages = tuple(int(s) for s in merge_stages)
         _check_head_options(
             branches, head_type, num_classes, global_pool, with_fpn, merge_stages, class_token, window_padding
@@ -202,6 +213,7 @@ class PIIP(nn.Module):
         self.pyramid_stages = tuple(tap.stage for tap in self.taps) if merge_stages else ()
         if self.fpn is not None:
             self.fpn.apply(init_piip_weights)
+        depthwise_kernels_channels_last(self)
 
     def _build_merges(self, head_type: HeadType, merge_stages: tuple[int, ...], dd: dict) -> None:
         """The branch merges and weights of the final map and, for regular pyramids, of every merge stage."""
