@@ -38,7 +38,7 @@ from .weights import (
     unwrap_state_dict,
 )
 
-__all__ = ["add_convert_command", "convert_checkpoint", "infer_model_name", "num_classes_of"]
+__all__ = ["add_convert_command", "convert_checkpoint", "infer_model_name"]
 
 _logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _converted(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 _CLASSIFIER_WEIGHT = re.compile(r"^(branches\.\d+\.)?head\.weight$")
 
 
-def num_classes_of(state_dict: Mapping[str, torch.Tensor]) -> int:
+def _num_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
     """Classes of a (converted) checkpoint's classifiers: the rows of their weights; 0 without classifiers.
 
     Raises:
@@ -88,7 +88,7 @@ def _meta_model(
 ) -> PIIP:
     """The model on ``meta`` with the checkpoint's classifiers (``num_classes`` from their tensors); dense backbones
     get their pyramid when the checkpoint has pyramid weights."""
-    kwargs = {"num_classes": num_classes_of(state_dict), **(model_kwargs or {})}
+    kwargs = {"num_classes": _num_classes(state_dict), **(model_kwargs or {})}
     model = timm.create_model(model_name, device="meta", **kwargs)
     if not isinstance(model, PIIP):
         raise ValueError(f"{model_name} is not a PIIP model ({type(model).__name__})")
@@ -254,8 +254,10 @@ def add_convert_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser = subparsers.add_parser(
         "convert",
         help="convert an official PIIP checkpoint to model.safetensors + timm config.json",
-        description="Convert an official OpenGVLab/PIIP checkpoint (or a piip-models state dict) to a timm Hub "
-        "folder: model.safetensors + config.json, loadable with timm.create_model('local-dir:OUT').",
+        description="Convert an official OpenGVLab/PIIP checkpoint, one that timm's train.py saved, or a piip-models "
+        "state dict to a timm Hub folder: model.safetensors + config.json, loadable with "
+        "timm.create_model('local-dir:OUT'). Classifiers are kept (their class count read from the tensors); what "
+        "was inferred is reported.",
     )
     parser.add_argument(
         "src", help="checkpoint file (.pth is read with weights_only=True, or .safetensors), or the "
