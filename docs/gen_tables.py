@@ -7,7 +7,7 @@ A generated block is everything between ``<!-- BEGIN GENERATED: NAME -->`` and `
 page; the prose around it is written by hand. The blocks are built from the timm registry (every registered
 ``piip_*`` model, its tags and their ``pretrained_cfg``), the models themselves (branches, sizes, windows,
 interactions and ``#params``, counted on the meta device, so even the 6B-parameter pyramids cost no memory) and
-:data:`piip_models.counting.PUBLISHED` (the published ``#Param`` / ``#FLOPs``). Official accuracies are not in the
+:data:`piip_models.published.PUBLISHED` (the published ``#Param`` / ``#FLOPs``). Official accuracies are not in the
 code; they live in :data:`OFFICIAL_RESULTS` and :data:`LLAVA_SCORES` below, and ``tests/test_docs.py`` checks that
 every released tag has one and that no entry names a model that does not exist.
 """
@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 import piip_models
 from piip_models import PIIPLlava
-from piip_models.counting import published_row
+from piip_models.published import published_row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,7 +265,7 @@ def _published_cell(name: str) -> str:
     row = published_row(name)
     if row is None:
         return "-"
-    gmacs = row.flops / 1e9
+    gmacs = row.macs / 1e9
     flops = f"{gmacs:.1f}G" if gmacs < 100 else f"{gmacs:.0f}G"  # as published: 17.4G, 243G
     flops += " [(†)](../counting.md#documented-exceptions)" if row.exception else ""
     return f"{row.params / 1e6:.0f}M / {flops}" if row.params is not None else flops

@@ -1,13 +1,16 @@
-"""MkDocs hook: shows mkdocstrings the package as it is installed.
+"""MkDocs hooks for the API reference.
 
-The wheel ships ``kernels/`` as ``piip_models.kernels`` (``[tool.setuptools] package-dir`` in pyproject.toml), a
-mapping that static analysis of ``src/`` cannot see. Before mkdocstrings starts, this hook builds a folder of symlinks
-laid out as the installed package, from that very mapping, and points the Python handler at it; the folder is removed
-when the build ends.
+* The wheel ships ``kernels/`` as ``piip_models.kernels`` (``[tool.setuptools] package-dir`` in pyproject.toml), a
+  mapping that static analysis of ``src/`` cannot see. Before mkdocstrings starts, a folder of symlinks laid out as
+  the installed package, from that very mapping, becomes the Python handler's search path; it is removed when the
+  build ends.
+* The docstrings name other objects with Sphinx roles (``:func:`read_checkpoint```), which Markdown would show
+  verbatim; they are rendered as the code they wrap (``~a.b.c`` as ``c``, as Sphinx does).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +24,8 @@ except ModuleNotFoundError:  # Python 3.10: the docs extra installs tomli
     import tomli as tomllib
 
 _views: list[Path] = []
+# a Sphinx role before rendered inline code: ":func:<code>name</code>"; "~" keeps the last component only
+_SPHINX_ROLE = re.compile(r":(?:func|meth|class|mod|data|attr|exc|obj):<code>(~(?:[\w]+\.)*)?")
 
 
 def package_view(root: Path, target: Path) -> Path:
@@ -47,6 +52,10 @@ def on_config(config: MkDocsConfig) -> MkDocsConfig:
     handler = config.plugins["mkdocstrings"].config.handlers.setdefault("python", {})
     handler["paths"] = [str(package_view(root, view))]
     return config
+
+
+def on_page_content(html: str, **kwargs) -> str:
+    return _SPHINX_ROLE.sub("<code>", html)
 
 
 def on_shutdown() -> None:

@@ -106,7 +106,9 @@ def test_readme_quickstart_runs_offline(tmp_path):
         assert custom.branches[1].blocks[3].mlp.fc1.weight.eq(0.25).all()
         print("README quickstart ok")
     """
-    out = run_offline(cache, code + "\n" + re.sub(r"^        ", "", checks, flags=re.MULTILINE))
+    # the child runs with this process's thread count (OMP_NUM_THREADS is not passed on to it)
+    threads = f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
+    out = run_offline(cache, threads + code + "\n" + re.sub(r"^        ", "", checks, flags=re.MULTILINE))
     assert "README quickstart ok" in out
     assert "torch.Size([2, 10])" in out and "[768, 768, 768, 768] [4, 8, 16, 32]" in out
 
@@ -135,6 +137,10 @@ def test_site_builds_strict(tmp_path):
     assert "multi_scale_deformable_attention" in kernels and "grid_sample" in kernels
     models = (site / "api" / "models" / "index.html").read_text()
     assert "create_pyramid" in models and "Branch configs, largest model" in models
+    # the docstrings' Sphinx roles render as code, not verbatim (docs/hooks.py)
+    assert "<code>read_checkpoint</code>" in (site / "api" / "checkpoints" / "index.html").read_text()
+    api_pages = {page.parent.name: page.read_text() for page in site.glob("api/*/index.html")}
+    assert not [name for name, html in api_pages.items() if re.search(r":(func|class|meth):<code>", html)]
     # generated tables and the changelog made it into the site
     assert "piip_h6b_1024_512" in (site / "models" / "internvit-6b" / "index.html").read_text()
     assert "0.1.0" in (site / "changelog" / "index.html").read_text()
