@@ -110,7 +110,7 @@ def test_readme_quickstart_runs_offline(tmp_path):
     threads = f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
     out = run_offline(cache, threads + code + "\n" + re.sub(r"^        ", "", checks, flags=re.MULTILINE))
     assert "README quickstart ok" in out
-    assert "torch.Size([2, 10])" in out and "[768, 768, 768, 768] [4, 8, 16, 32]" in out
+    assert "torch.Size([2, 10])" in out and "['boxes', 'labels', 'masks', 'scores']" in out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ class PeakMemory:
         self.base = 0
 
     def start(self) -> None:
+        """Marks the start of the region: resets the peak and records the memory in use now."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -100,6 +101,7 @@ class PeakMemory:
             self.base = _maxrss_kib()
 
     def peak_mb(self) -> float:
+        """Peak memory (MiB) since :meth:`start`, above what was in use then."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
@@ -344,10 +346,12 @@ def _row_dicts(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
 
 
 def write_json(rows: Sequence[BenchRow], path: str | Path) -> None:
+    """Writes the rows as a JSON list of objects (the :class:`BenchRow` fields)."""
     Path(path).write_text(json.dumps(_row_dicts(rows), indent=2) + "\n")
 
 
 def write_csv(rows: Sequence[BenchRow], path: str | Path) -> None:
+    """Writes the rows as CSV with a header of the :class:`BenchRow` fields."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[field.name for field in dataclasses.fields(BenchRow)])
         writer.writeheader()

@@ -171,24 +171,28 @@ def _add_run_options(parser: argparse.ArgumentParser, default_models: Sequence[s
 
 
 def add_list_command(subparsers: Any) -> None:
+    """Registers ``list``: the registered models with their published counts."""
     parser = subparsers.add_parser("list", help="list the registered models")
     parser.add_argument("filter", nargs="?", default="piip_*", help="fnmatch filter (default piip_*)")
     parser.set_defaults(func=_cmd_list)
 
 
 def add_info_command(subparsers: Any) -> None:
+    """Registers ``info``: one model's configuration and both counts."""
     parser = subparsers.add_parser("info", help="configuration, branches, sizes, params and FLOPs of a model")
     parser.add_argument("model", help="registered model name")
     parser.set_defaults(func=_cmd_info)
 
 
 def add_flops_command(subparsers: Any) -> None:
+    """Registers ``flops``: parameters and MACs of models and their baselines, on meta."""
     parser = subparsers.add_parser("flops", help="parameters and FLOPs, counted on the meta device")
     _add_run_options(parser, ("piip_*",), 1.0)
     parser.set_defaults(func=lambda args: _run(args, latency=False))
 
 
 def add_bench_command(subparsers: Any) -> None:
+    """Registers ``bench``: counts plus latency, throughput and peak memory beside the baselines."""
     parser = subparsers.add_parser(
         "bench", help="FLOPs, latency, throughput and peak memory of PIIP models beside their baselines"
     )
@@ -214,6 +218,7 @@ COMMANDS: tuple[CommandRegistrar, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``piip-models`` argument parser with every subcommand of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="piip-models", description="PIIP models: list them, show one, count FLOPs, benchmark against baselines."
     )

@@ -57,6 +57,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from .kernels import msda_macs
+from .layers.heads import LinearHead
 from .layers.msdeform_attn import MSDeformAttn
 from .layers.window_attention import WindowRelPosAttention
 from .piip import PIIP
@@ -89,6 +90,11 @@ def _linear(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> int:
     return inputs[0].numel() * module.out_features
 
 
+def _linear_head(module: LinearHead, inputs: tuple, output: torch.Tensor) -> int:
+    # the head's classifier is a linear layer over the pooled features (no bias term, as nn.Linear above)
+    return 0 if module.weight is None else output.numel() * module.in_features
+
+
 def _conv(module: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> int:
     per_output = math.prod(module.kernel_size) * module.in_channels // module.groups
     return output.numel() * (per_output + (module.bias is not None))
@@ -117,9 +123,10 @@ def _upsample(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
 ModuleRule = Callable[[nn.Module, tuple, Any], int]
 
 # Type-exact, as mmcv matches them. timm's LayerNorm stands in for the official models' nn.LayerNorm, so it counts;
-# subclasses and other norms (RMSNorm) do not.
+# subclasses and other norms (RMSNorm) do not. A LinearHead counts as the official nn.Linear classifier it holds.
 PAPER_RULES: dict[type[nn.Module], ModuleRule] = {
     nn.Linear: _linear,
+    LinearHead: _linear_head,
     nn.Conv1d: _conv,
     nn.Conv2d: _conv,
     nn.Conv3d: _conv,

@@ -460,6 +460,8 @@ class PIIP(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module | tuple[nn.Module, ...]:
+        """The classifier: the head (merged and dense heads, whose ``weight``/``bias`` it holds), each branch's
+        ``head`` (separate heads), or ``()`` (no classifier)."""
         return self.head.classifier()
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -495,6 +497,7 @@ class PIIP(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """Parameter patterns timm's optimizer factory exempts from weight decay: embeddings and tokens."""
         names = {"branches.*.pos_embed", "branches.*.cls_token", "branches.*.reg_token"}
         if any(name.endswith("relative_position_bias_table") for name, _ in self.named_parameters()):
             names.add("branches.*.relative_position_bias_table")

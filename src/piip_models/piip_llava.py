@@ -88,6 +88,7 @@ class PIIPLlava(PIIP):
 
     @torch.jit.ignore
     def get_classifier(self) -> BranchMLPProjector:
+        """The projector, which takes the classifier's place."""
         return self.projector
 
 
