@@ -35,11 +35,16 @@ Element-wise work (norms, activations, softmax, additions, resizing) is not coun
 
 Counting runs one forward: build the model on ``device="meta"`` to count anything, even 6B-parameter models, without
 computing and without memory (:func:`count_model` does; a few seconds per model, mostly spent building it).
+
+Counting never changes the model it is given: the forward runs on a private copy of its modules that shares the
+parameters (read only) but has its own buffers, windows and hooks, so a model may serve inference in other threads
+while it is counted, and several threads may count one model at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import functools
 import math
@@ -324,6 +329,13 @@ def default_input_size(model: nn.Module) -> int:
     return model.pretrained_cfg["input_size"][-1]
 
 
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters (no weight is copied; a no-grad forward only reads
+    them) and owns everything a count changes: windows, hooks, and buffers (which a forward may update)."""
+    shared = {id(p): p for p in model.parameters()}
+    return copy.deepcopy(model, memo=shared)
+
+
 def count_flops(
     model: nn.Module,
     input_size: int | tuple[int, int] | None = None,
@@ -346,6 +358,7 @@ def count_flops(
     _check_convention(convention)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    model = _private_copy(model)  # the count switches windows and installs hooks; the caller's model stays as it is
     size = input_size if input_size is not None else default_input_size(model)
     height, width = (size, size) if isinstance(size, int) else size
     param = next(model.parameters())
