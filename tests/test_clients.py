@@ -100,8 +100,8 @@ def test_drop_path_rate_is_timms_schedule_and_unknown_kwargs_fail_like_timm():
     for arch in ("deit_tiny_patch16_224", "piip_tsb"):
         with pytest.raises(TypeError, match="drop_block_rate"):
             timm.create_model(arch, device="meta", drop_block_rate=0.1)
-    with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\), got 1.0"):
-        PIIP(branches=tiny_branches(), drop_path_rate=1.0, device="meta")
+    with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\], got 1.5"):
+        PIIP(branches=tiny_branches(), drop_path_rate=1.5, device="meta")
 
 
 def test_llava_tower_pool_and_dropout():

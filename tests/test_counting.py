@@ -45,6 +45,16 @@ def test_exact_classification_counts():
     assert count.macs == 17_427_523_392 - 2 * (768 + 384 + 192)
 
 
+@pytest.mark.parametrize("name,macs", [
+    ("piip_tsb_1120_896_448", 243_132_125_952),
+    ("piip_sbl_1568_896_672", 1_463_525_234_176),
+])
+def test_exact_dense_counts_include_the_twin_classifier(name, macs):
+    """The classification twin's 1000-way classifier (a LinearHead) counts as the official nn.Linear: these are the
+    counts the official convention gives (and the code before the heads became modules gave), to the MAC."""
+    assert count_model(name, "paper").macs == macs
+
+
 def test_paper_twin_of_a_dense_backbone():
     model = timm.create_model("piip_tsb_1568_1120_672", device="meta")
     windows = model.windows

@@ -38,7 +38,8 @@ from piip_models.weights import CheckpointMismatchError, checkpoint_filter_fn, u
 from .conftest import fixtures_dir, require_fixture
 from .test_pretrained import run_offline, seed_hub, torch_bytes
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+# the released checkpoints table (generated from the cfgs by docs/gen_tables.py)
+CHECKPOINTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "pretrained.md"
 RELEASED = sorted(
     n for n in timm.list_models("piip_*", pretrained=True, include_tags=True)
     if timm.get_pretrained_cfg(n).hf_hub_id == OFFICIAL_REPO
@@ -161,7 +162,7 @@ def test_key_rules_reproduce_the_released_key_lists(keys_file, name):
 def test_every_released_tag_points_at_a_released_file():
     # the full tag (checkpoint) first, the timm-branch initialisation kept as `.branches`
     assert len(RELEASED) == 31
-    readme = README.read_text()
+    page = CHECKPOINTS_PAGE.read_text()
     for name in RELEASED:
         cfg = timm.get_pretrained_cfg(name)
         arch, tag = name.split(".")
@@ -169,7 +170,7 @@ def test_every_released_tag_points_at_a_released_file():
         assert f"{arch}.branches" in timm.list_models(arch, include_tags=True)
         tasks = ("classification",) if cfg.num_classes else ("detection", "segmentation")
         assert re.fullmatch(rf"({'|'.join(tasks)})/[\w-]+\.pth", cfg.hf_hub_filename), cfg.hf_hub_filename
-        assert f"`{name}`" in readme and Path(cfg.hf_hub_filename).name in readme, name
+        assert f"`{name}`" in page and Path(cfg.hf_hub_filename).name in page, name
 
 
 @pytest.mark.parametrize("name", RELEASED)

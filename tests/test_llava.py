@@ -21,7 +21,7 @@ from piip_models.hub import CheckpointError
 from piip_models.layers.projector import BranchMLPProjector
 from piip_models.weights import checkpoint_filter_fn
 
-from .test_hub import README, official_state_dict
+from .test_hub import CHECKPOINTS_PAGE, official_state_dict
 from .test_pretrained import seed_hub, torch_bytes
 
 # Released configuration -> (registered tower, extra kwargs, image size, visual tokens, LLM width, interactions).
@@ -227,13 +227,13 @@ def with_language_model(official: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def test_every_released_llava_repo_has_its_tag():
     assert sorted(RELEASED_REPOS.values()) == LLAVA_TAGS
-    readme = README.read_text()
+    page = CHECKPOINTS_PAGE.read_text()
     for repo, tag in RELEASED_REPOS.items():
         cfg = timm.get_pretrained_cfg(tag)
         assert (cfg.hf_hub_id, cfg.hf_hub_filename) == (f"OpenGVLab/{repo}", "model.safetensors.index.json")
         arch = tag.split(".")[0]
         assert f"{arch}.branches" in timm.list_models(arch, include_tags=True)
-        assert f"`{tag}`" in readme and f"OpenGVLab/{repo}" in readme, tag
+        assert f"`{tag}`" in page and f"OpenGVLab/{repo}" in page, tag
     assert timm.get_pretrained_cfg("piip_llava_convnext_l_clip_l_1024_336").tag == "llava_v1_5_7b"  # default tag
 
 

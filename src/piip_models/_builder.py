@@ -17,9 +17,17 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from .branches import unit_count
-from .config import BranchCfg, even_segments
+from .config import (
+    BranchCfg,
+    check_branches,
+    check_feature_indices,
+    check_int,
+    check_levels,
+    even_segments,
+    stage_count,
+)
 from .features import PIIPFeatures
-from .hub import official_checkpoint, prepare_pretrained_cfg
+from .hub import fetch_pretrained, official_checkpoint, prepare_pretrained_cfg
 from .piip import PIIP
 from .weights import checkpoint_filter_fn
 
@@ -37,15 +45,24 @@ __all__ = [
 ]
 
 
+def _tap_count(kwargs: dict[str, Any]) -> tuple[int, bool]:
+    """The number of feature taps the model kwargs give, and whether they are interaction stages."""
+    if kwargs.get("with_fpn"):
+        levels = kwargs.get("fpn_levels", (0, 1, 2, 3))
+        check_levels(levels)
+        return len(levels), False
+    if kwargs.get("merge_stages"):
+        return len(tuple(kwargs["merge_stages"])) + 1, False
+    return stage_count(check_branches(kwargs["branches"])), True
+
+
 def _default_out_indices(kwargs: dict[str, Any]) -> tuple[int, ...]:
     """Taps of ``features_only``: every pyramid level or regular-pyramid map, else four evenly spaced interaction
     stages, the last one included, as ViT-Adapter-style pyramids tap them."""
-    if kwargs.get("with_fpn"):
-        return tuple(range(len(kwargs.get("fpn_levels", (0, 1, 2, 3)))))
-    if kwargs.get("merge_stages"):
-        return tuple(range(len(kwargs["merge_stages"]) + 1))
-    num_stages = len(kwargs["branches"][0].segments)
-    return tuple(sorted({max(0, round(num_stages * (i + 1) / 4) - 1) for i in range(4)}))
+    num_taps, stages = _tap_count(kwargs)
+    if not stages:
+        return tuple(range(num_taps))
+    return tuple(sorted({max(0, round(num_taps * (i + 1) / 4) - 1) for i in range(4)}))
 
 
 def build_piip(variant: str, pretrained: bool = False, model_cls: type[PIIP] = PIIP, **kwargs: Any) -> PIIP:
@@ -54,7 +71,8 @@ def build_piip(variant: str, pretrained: bool = False, model_cls: type[PIIP] = P
     With ``pretrained=True`` a tag with a released checkpoint is fetched, verified and loaded through
     :meth:`PIIP.load_pretrained`; a tag without one (``branches``) loads every branch's timm weights instead, with the
     interactions at their zero init. ``features_only=True`` gives :class:`~piip_models.features.PIIPFeatures`, timm's
-    getter over the feature taps; dense models then build their feature pyramid.
+    getter over the feature taps; dense models then build their feature pyramid. Requested ``out_indices`` and the
+    weights' files (offline: the cache) are checked before the model is built.
 
     Args:
         variant: Registered architecture name.
@@ -71,10 +89,16 @@ def build_piip(variant: str, pretrained: bool = False, model_cls: type[PIIP] = P
     cache_dir = kwargs.pop("cache_dir", None)
     # Without a full PIIP checkpoint, pretrained=True means "pretrained branches, fresh interactions".
     load_branches = pretrained and not pretrained_cfg.has_weights
-    if pretrained and not load_branches:
-        pretrained_cfg = prepare_pretrained_cfg(pretrained_cfg, cache_dir)
     if kwargs.get("head_type") == "dense" and kwargs.get("features_only"):
         kwargs.setdefault("with_fpn", True)
+    # What fails without the model fails before it is built: the feature taps asked for, then the weights.
+    if kwargs.get("features_only") and kwargs.get("out_indices") is not None:
+        check_feature_indices(kwargs["out_indices"], _tap_count(kwargs)[0])
+    if load_branches:
+        for branch in check_branches(kwargs["branches"]):
+            fetch_pretrained(branch.model_name, cache_dir)
+    elif pretrained:
+        pretrained_cfg = prepare_pretrained_cfg(pretrained_cfg, cache_dir)
     model = build_model_with_cfg(
         model_cls,
         variant,
@@ -215,18 +239,27 @@ def create_pyramid(
     Returns:
         The model, with a pretrained_cfg derived from the last branch size.
     """
+    if isinstance(branches, (str, bytes)) or not isinstance(branches, Sequence) or not branches:
+        raise ValueError(f"create_pyramid needs a non-empty sequence of (timm_name, img_size) pairs, got {branches!r}")
+    if num_interactions is not None:
+        check_int("num_interactions", num_interactions, 1)
     depths = []
-    for item in branches:
+    for k, item in enumerate(branches):
         if isinstance(item, BranchCfg):
             depths.append(max(end for _, end in item.segments) + 1)
-        else:
+        elif isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2:
             depths.append(unit_count(item[0]))
-    num_interactions = num_interactions or min(depths)
+        else:
+            raise TypeError(f"branch {k} must be a (timm_name, img_size) pair or a BranchCfg, got {item!r}")
+    num_interactions = min(depths) if num_interactions is None else num_interactions
     cfgs = tuple(
         item if isinstance(item, BranchCfg)
-        else BranchCfg(item[0], int(item[1]), even_segments(depth, num_interactions))
+        else BranchCfg(item[0], item[1], even_segments(depth, num_interactions))
         for item, depth in zip(branches, depths)
     )
+    if pretrained:  # before the model is built: offline without the weights, fail at once
+        for cfg in cfgs:
+            fetch_pretrained(cfg.model_name)
     separate_heads = kwargs.get("head_type", "separate") == "separate"
     pretrained_cfg = {**piip_cfg(cfgs[-1].img_size, len(cfgs), separate_heads), "architecture": "piip_custom"}
     model = PIIP(branches=cfgs, **kwargs)

@@ -83,6 +83,7 @@ class PeakMemory:
         self.base = 0
 
     def start(self) -> None:
+        """Marks the start of the region: resets the peak and records the memory in use now."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -100,6 +101,7 @@ class PeakMemory:
             self.base = _maxrss_kib()
 
     def peak_mb(self) -> float:
+        """Peak memory (MiB) since :meth:`start`, above what was in use then."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
@@ -121,6 +123,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _check_timing(batch_size: int, warmup: int, repeats: int, threads: int = 0) -> None:
+    """Raises unless the timing options can run: at least one image, warm-up and timed forward; threads >= 0."""
+    if min(batch_size, warmup, repeats) < 1 or threads < 0:
+        raise ValueError(
+            f"batch_size, warmup and repeats must be >= 1 and threads >= 0, got {batch_size}, {warmup}, {repeats} "
+            f"and {threads}"
+        )
+
+
 def measure(
     model_name: str, size: int, batch_size: int = 1, device: str = "cpu", warmup: int = 1, repeats: int = 3
 ) -> dict[str, float]:
@@ -130,8 +141,7 @@ def measure(
     memory is measured; the ``repeats`` timed forwards follow. Prefer :func:`measure_in_subprocess`: the memory
     reading assumes a fresh process.
     """
-    if warmup < 1 or repeats < 1:
-        raise ValueError(f"warmup and repeats must be >= 1, got {warmup} and {repeats}")
+    _check_timing(batch_size, warmup, repeats)
     dev = torch.device(device)
     torch.manual_seed(0)
     model = build_model(model_name, dev)
@@ -174,7 +184,8 @@ def measure_in_subprocess(
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"benchmark worker for {model_name} at {size} px failed:\n{proc.stderr}")
+        last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), f"exit {proc.returncode}")
+        raise RuntimeError(f"benchmark worker for {model_name} at {size} px failed: {last.strip()}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -257,8 +268,12 @@ def benchmark(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    if scale <= 0 or batch_size < 1:
-        raise ValueError(f"scale must be positive and batch_size >= 1, got {scale} and {batch_size}")
+    if not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a positive number, got {scale}")
+    if latency:
+        _check_timing(batch_size, warmup, repeats, threads)
+    elif batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and latency and not torch.cuda.is_available():
@@ -344,10 +359,12 @@ def _row_dicts(rows: Sequence[BenchRow]) -> list[dict[str, Any]]:
 
 
 def write_json(rows: Sequence[BenchRow], path: str | Path) -> None:
+    """Writes the rows as a JSON list of objects (the :class:`BenchRow` fields)."""
     Path(path).write_text(json.dumps(_row_dicts(rows), indent=2) + "\n")
 
 
 def write_csv(rows: Sequence[BenchRow], path: str | Path) -> None:
+    """Writes the rows as CSV with a header of the :class:`BenchRow` fields."""
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[field.name for field in dataclasses.fields(BenchRow)])
         writer.writeheader()
@@ -401,7 +418,12 @@ def _worker() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(measure(**json.loads(args.worker))))
+    try:
+        result = measure(**json.loads(args.worker))
+    except Exception as exc:  # one line for the parent's error message, not a traceback
+        print(f"{type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ interactions consume.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,10 +30,13 @@ from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 
 from .config import BranchCfg
+from .layers.permute import depthwise_kernels_channels_last
 from .layers.window_attention import WindowPadding, block_forward
 from .weights import branch_checkpoint_filter_fn, convnext_branch_checkpoint_filter_fn
 
-__all__ = ["BranchAdapter", "ConvNeXtAdapter", "ViTAdapter", "build_branch", "convnext_units", "unit_count"]
+__all__ = [
+    "BranchAdapter", "ConvNeXtAdapter", "ViTAdapter", "branch_class", "build_branch", "convnext_units", "unit_count"
+]
 
 Grid = tuple[int, int]
 
@@ -128,6 +132,9 @@ class ViTAdapter(BranchAdapter):
         patch = tuple(model.patch_embed.patch_size)
         self.strides = (patch[0],) * depth
         self.min_input = patch
+        beyond = [block for block in cfg.global_blocks if block >= depth]
+        if beyond:
+            raise ValueError(f"{cfg.model_name}: global_blocks {beyond} lie beyond its {depth} blocks")
         self.windows = tuple(0 if i in cfg.global_blocks else cfg.window_size for i in range(depth))
         self.window_padding = window_padding
         # Class/register tokens get no position embedding in PIIP (the LLaVA CLIP towers excepted), although some
@@ -155,19 +162,10 @@ class ViTAdapter(BranchAdapter):
             dynamic_img_size=True,
             **{**cfg.model_args, **dd},
         )
-        if not isinstance(model, VisionTransformer):
-            raise TypeError(
-                f"branch {index} ({cfg.model_name}) must be a timm VisionTransformer or a timm ConvNeXt, got "
-                f"{type(model).__name__}"
-            )
         depth = len(model.blocks)
         rates = [cfg.drop_path_rate] * depth
         if cfg.drop_path_mode == "linear":
             rates = [cfg.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        elif cfg.drop_path_mode != "constant":
-            raise ValueError(
-                f"branch {index}: drop_path_mode must be 'constant' or 'linear', got {cfg.drop_path_mode!r}"
-            )
         for block, rate in zip(model.blocks, rates):
             block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
             block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
@@ -296,6 +294,7 @@ class ConvNeXtAdapter(BranchAdapter):
         # The pooled head (final norm, MLP) is never used by a pyramid branch; dropping it keeps every parameter in
         # the graph (DDP without find_unused_parameters).
         model.head = nn.Identity()
+        depthwise_kernels_channels_last(model)  # its units run on the tokens' channels-last layout
         return model, ConvNeXtAdapter(model)
 
     def embed(self, model: ConvNeXt, image: torch.Tensor) -> tuple[torch.Tensor, None, Grid]:
@@ -340,10 +339,30 @@ class ConvNeXtAdapter(BranchAdapter):
                 return
 
 
+@functools.cache
+def branch_class(model_name: str) -> type[VisionTransformer] | type[ConvNeXt]:
+    """The timm class a branch's model name builds (from a meta-device build of the architecture).
+
+    Raises:
+        ValueError: Not a timm model.
+        TypeError: Neither a timm ``VisionTransformer`` nor a ``ConvNeXt``, the two kinds a branch can be.
+    """
+    arch = split_model_name_tag(model_name)[0]
+    if not timm.is_model(arch):
+        raise ValueError(f"{model_name!r} is not a timm model name")
+    cls = type(timm.create_model(arch, pretrained=False, device="meta"))
+    if not issubclass(cls, (VisionTransformer, ConvNeXt)):
+        raise TypeError(
+            f"{model_name} is a timm {cls.__name__}; a PIIP branch must be a timm VisionTransformer or ConvNeXt"
+        )
+    return cls
+
+
 def unit_count(model_name: str) -> int:
     """Number of units (what segments index) of a timm ViT or ConvNeXt, from a meta-device build."""
+    cls = branch_class(model_name)
     model = timm.create_model(model_name, pretrained=False, device="meta")
-    return len(convnext_units(model)) if isinstance(model, ConvNeXt) else len(model.blocks)
+    return len(convnext_units(model)) if issubclass(cls, ConvNeXt) else len(model.blocks)
 
 
 def build_branch(
@@ -358,7 +377,10 @@ def build_branch(
     dd: dict[str, Any],
 ) -> tuple[nn.Module, BranchAdapter]:
     """Builds branch ``index`` from its config: the timm model and the adapter that drives it."""
-    arch = split_model_name_tag(cfg.model_name)[0]
-    if arch in timm.list_models(module="convnext"):
+    try:
+        cls = branch_class(cfg.model_name)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"branch {index}: {e}") from None
+    if issubclass(cls, ConvNeXt):
         return ConvNeXtAdapter.build(index, cfg, in_chans, with_head, dd)
     return ViTAdapter.build(index, cfg, img_size, num_classes, in_chans, class_token, with_head, window_padding, dd)

@@ -9,14 +9,20 @@
 
 Each subcommand comes from a registrar in :data:`COMMANDS`: ``registrar(subparsers)`` adds its parser and sets the
 parser's ``func`` default to a handler ``func(args) -> int``.
+
+Arguments are checked before any work starts (argparse types for numbers; output folders are created, or refused,
+before the first model is counted); an error is one line on stderr and a non-zero exit status (2 for bad input or
+files, 1 for anything unexpected, 130 when interrupted), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -118,9 +124,27 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_output(path: str | None, option: str) -> None:
+    """Creates the folder of an output file up front, or refuses a path that cannot be written, so that a finished
+    run is never lost at the end."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{option} {path}: cannot create its folder, a file is in the way") from None
+    if not os.access(target.parent, os.W_OK) or target.exists() and not os.access(target, os.W_OK):
+        raise ValueError(f"{option} {path}: not writable")
+
+
 def _run(args: argparse.Namespace, latency: bool) -> int:
     if args.plot:
         check_plotting()
+    for option in ("json", "csv", "plot"):
+        _prepare_output(getattr(args, option), f"--{option}")
     models = resolve_models(args.models or args.default_models)
     scale = args.scale if args.scale is not None else (1.0 if args.models else args.default_scale)
     timed = latency and not getattr(args, "no_latency", False)
@@ -156,6 +180,19 @@ def _run(args: argparse.Namespace, latency: bool) -> int:
     return 0
 
 
+def _number(kind: type, minimum: float, open_below: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite ``kind`` of at least ``minimum`` (above it when ``open_below``)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < minimum or open_below and value == minimum:
+            raise argparse.ArgumentTypeError(f"must be {'>' if open_below else '>='} {minimum:g}, got {text}")
+        return value
+    return parse
+
+
 def _add_run_options(parser: argparse.ArgumentParser, default_models: Sequence[str], default_scale: float) -> None:
     parser.add_argument("--models", nargs="+", metavar="PATTERN",
                         help="fnmatch patterns of registered models, or timm names (default: "
@@ -163,7 +200,7 @@ def _add_run_options(parser: argparse.ArgumentParser, default_models: Sequence[s
                              "each PIIP model brings its baseline")
     parser.add_argument("--convention", choices=CONVENTIONS, default="paper",
                         help="paper: the official mmcv convention; full: every executed multiply-add")
-    parser.add_argument("--scale", type=float,
+    parser.add_argument("--scale", type=_number(float, 0, open_below=True),
                         help="input side as a fraction of each model's native size (last branch), rounded to "
                              f"16 px (default 1, or {default_scale:g} for the default models)")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
@@ -173,34 +210,38 @@ def _add_run_options(parser: argparse.ArgumentParser, default_models: Sequence[s
 
 
 def add_list_command(subparsers: Any) -> None:
+    """Registers ``list``: the registered models with their published counts."""
     parser = subparsers.add_parser("list", help="list the registered models")
     parser.add_argument("filter", nargs="?", default="piip_*", help="fnmatch filter (default piip_*)")
     parser.set_defaults(func=_cmd_list)
 
 
 def add_info_command(subparsers: Any) -> None:
+    """Registers ``info``: one model's configuration and both counts."""
     parser = subparsers.add_parser("info", help="configuration, branches, sizes, params and FLOPs of a model")
     parser.add_argument("model", help="registered model name")
     parser.set_defaults(func=_cmd_info)
 
 
 def add_flops_command(subparsers: Any) -> None:
+    """Registers ``flops``: parameters and MACs of models and their baselines, on meta."""
     parser = subparsers.add_parser("flops", help="parameters and FLOPs, counted on the meta device")
     _add_run_options(parser, ("piip_*",), 1.0)
     parser.set_defaults(func=lambda args: _run(args, latency=False))
 
 
 def add_bench_command(subparsers: Any) -> None:
+    """Registers ``bench``: counts plus latency, throughput and peak memory beside the baselines."""
     parser = subparsers.add_parser(
         "bench", help="FLOPs, latency, throughput and peak memory of PIIP models beside their baselines"
     )
     _add_run_options(parser, DEFAULT_BENCH_MODELS, DEFAULT_BENCH_SCALE)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--batch", type=int, default=1, help="images per timed forward")
-    parser.add_argument("--warmup", type=int, default=1,
+    parser.add_argument("--batch", type=_number(int, 1), default=1, help="images per timed forward")
+    parser.add_argument("--warmup", type=_number(int, 1), default=1,
                         help="untimed forwards first (the first one's peak memory is recorded)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed forwards (median reported)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--repeats", type=_number(int, 1), default=3, help="timed forwards (median reported)")
+    parser.add_argument("--threads", type=_number(int, 0), default=1,
                         help="CPU threads per measurement (default 1: on a shared machine, threads stall at OpenMP "
                              "barriers while other processes hold the cores; 0: torch's default)")
     parser.add_argument("--no-latency", action="store_true", help="count only")
@@ -215,8 +256,16 @@ COMMANDS: tuple[CommandRegistrar, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (its subcommand parsers are of the same class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``piip-models`` argument parser with every subcommand of :data:`COMMANDS`."""
+    parser = _Parser(
         prog="piip-models", description="PIIP models: list them, show one, count FLOPs, benchmark against baselines."
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -225,8 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (2 for bad input)."""
+    """Runs the command line; returns the exit status (2 for bad input or files, 1 for an unexpected error, 130 when
+    interrupted). Errors are printed as one line, without a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -234,11 +288,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "run":  # a script's errors are its own: tracebacks pass through
         return args.func(args)
+    prefix = f"piip-models {args.command}: error:"
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as exc:
-        print(f"piip-models {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"piip-models {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:  # bad input, missing or unusable files
+        print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug: still one line, with the exception's type to report it by
+        print(f"{prefix} unexpected {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

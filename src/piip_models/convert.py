@@ -28,6 +28,7 @@ import torch
 from timm.models import split_model_name_tag
 from timm.models._hub import save_config_for_hf
 
+from ._factory import check_model_name
 from .hub import is_sharded_index, read_checkpoint
 from .piip import PIIP
 from .weights import (
@@ -172,8 +173,25 @@ def _check_loadable(config_path: Path, tensors: Mapping[str, torch.Tensor], out_
         )
 
 
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuses, before any work, an output folder that cannot be written or would lose files (unless ``overwrite``)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output folder {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and not overwrite:
+        held = sorted(p.name for p in out_dir.iterdir())
+        if held:
+            listed = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+            raise FileExistsError(
+                f"output folder {out_dir} is not empty (it holds {listed}); pass overwrite=True "
+                "(piip-models convert --force) to replace its model files"
+            )
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise PermissionError(f"cannot write the output folder {out_dir}: {existing} is not a writable folder")
+
+
 def convert_checkpoint(
-    src: str | os.PathLike, out_dir: str | os.PathLike, model_name: str | None = None
+    src: str | os.PathLike, out_dir: str | os.PathLike, model_name: str | None = None, overwrite: bool = False
 ) -> Path:
     """Writes an official (or piip-models) checkpoint as ``model.safetensors`` + timm ``config.json``.
 
@@ -186,17 +204,24 @@ def convert_checkpoint(
     Args:
         src: Checkpoint file (``.pth`` read with ``weights_only=True``, or ``.safetensors``), or the index of a
             sharded checkpoint (a PIIP-LLaVA model: its vision tower and projector are converted).
-        out_dir: Output folder (created).
+        out_dir: Output folder (created); checked before anything is read.
         model_name: Registered name, optionally with a tag whose ``pretrained_cfg`` is written
             (``piip_tsb.in1k``); inferred from the released file name, a timm ``train.py`` checkpoint's ``arch``, or
             keys and shapes, when omitted.
+        overwrite: Replace the model files of a folder that is not empty (else it is refused).
 
     Returns:
         ``out_dir``.
 
     Raises:
+        FileExistsError: ``out_dir`` is not empty (without ``overwrite``) or is a file.
+        PermissionError: ``out_dir`` cannot be created or written.
+        CheckpointError: ``src`` is missing, corrupt or unsafe.
         CheckpointMismatchError: The tensors do not fit the model, or the written folder would not load.
     """
+    _check_out_dir(Path(out_dir), overwrite)
+    if model_name is not None:
+        check_model_name(model_name)
     checkpoint = read_checkpoint(src)
     model_name, how = (model_name, "as given") if model_name else _identify(src, checkpoint)
     state_dict = _converted(checkpoint)
@@ -243,7 +268,7 @@ def _reporting() -> Iterator[None]:
 
 def _convert_command(args: argparse.Namespace) -> int:
     with _reporting():
-        out_dir = convert_checkpoint(args.src, args.out, model_name=args.model)
+        out_dir = convert_checkpoint(args.src, args.out, model_name=args.model, overwrite=args.force)
     print(f"wrote {out_dir / 'model.safetensors'} and {out_dir / 'config.json'}; load it with "
           f"timm.create_model('local-dir:{out_dir}', pretrained=True) after import piip_models")
     return 0
@@ -263,7 +288,8 @@ def add_convert_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "src", help="checkpoint file (.pth is read with weights_only=True, or .safetensors), or the "
         "model.safetensors.index.json of a sharded PIIP-LLaVA checkpoint (its vision tower and projector)"
     )
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (refused when not empty, unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace the model files of a non-empty output folder")
     parser.add_argument(
         "--model", default=None, help="model name[.tag]; inferred from the file name or its keys when omitted"
     )

@@ -35,11 +35,16 @@ Element-wise work (norms, activations, softmax, additions, resizing) is not coun
 
 Counting runs one forward: build the model on ``device="meta"`` to count anything, even 6B-parameter models, without
 computing and without memory (:func:`count_model` does; a few seconds per model, mostly spent building it).
+
+Counting never changes the model it is given: the forward runs on a private copy of its modules that shares the
+parameters (read only) but has its own buffers, windows and hooks, so a model may serve inference in other threads
+while it is counted, and several threads may count one model at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import functools
 import math
@@ -57,6 +62,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 from .kernels import msda_macs
+from .layers.heads import LinearHead
 from .layers.msdeform_attn import MSDeformAttn
 from .layers.window_attention import WindowRelPosAttention
 from .piip import PIIP
@@ -89,6 +95,11 @@ def _linear(module: nn.Linear, inputs: tuple, output: torch.Tensor) -> int:
     return inputs[0].numel() * module.out_features
 
 
+def _linear_head(module: LinearHead, inputs: tuple, output: torch.Tensor) -> int:
+    # the head's classifier is a linear layer over the pooled features (no bias term, as nn.Linear above)
+    return 0 if module.weight is None else output.numel() * module.in_features
+
+
 def _conv(module: nn.Conv2d, inputs: tuple, output: torch.Tensor) -> int:
     per_output = math.prod(module.kernel_size) * module.in_channels // module.groups
     return output.numel() * (per_output + (module.bias is not None))
@@ -117,9 +128,10 @@ def _upsample(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
 ModuleRule = Callable[[nn.Module, tuple, Any], int]
 
 # Type-exact, as mmcv matches them. timm's LayerNorm stands in for the official models' nn.LayerNorm, so it counts;
-# subclasses and other norms (RMSNorm) do not.
+# subclasses and other norms (RMSNorm) do not. A LinearHead counts as the official nn.Linear classifier it holds.
 PAPER_RULES: dict[type[nn.Module], ModuleRule] = {
     nn.Linear: _linear,
+    LinearHead: _linear_head,
     nn.Conv1d: _conv,
     nn.Conv2d: _conv,
     nn.Conv3d: _conv,
@@ -317,6 +329,13 @@ def default_input_size(model: nn.Module) -> int:
     return model.pretrained_cfg["input_size"][-1]
 
 
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters (no weight is copied; a no-grad forward only reads
+    them) and owns everything a count changes: windows, hooks, and buffers (which a forward may update)."""
+    shared = {id(p): p for p in model.parameters()}
+    return copy.deepcopy(model, memo=shared)
+
+
 def count_flops(
     model: nn.Module,
     input_size: int | tuple[int, int] | None = None,
@@ -339,6 +358,7 @@ def count_flops(
     _check_convention(convention)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    model = _private_copy(model)  # the count switches windows and installs hooks; the caller's model stays as it is
     size = input_size if input_size is not None else default_input_size(model)
     height, width = (size, size) if isinstance(size, int) else size
     param = next(model.parameters())

@@ -49,12 +49,24 @@ def branch_cfg_from_official(branch: Mapping[str, Any]) -> BranchCfg:
     qk-normalisation they are InternViT-6B branches. Fused MLPs (``mlp_type``/``Mlp_block='fused_mlp'``) use
     tanh-approximate GELU; segmentation branches (``img_size`` beside ``real_size``) store their position embedding
     at ``img_size``.
+
+    Raises:
+        ValueError: A required option is missing or malformed (the values are then checked by :class:`BranchCfg`).
     """
+    if not isinstance(branch, Mapping):
+        raise ValueError(f"an official branch config is a dict of options, got {branch!r}")
+    try:
+        return _branch_cfg(branch)
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"official branch config {dict(branch)} lacks or malforms {e}") from None
+
+
+def _branch_cfg(branch: Mapping[str, Any]) -> BranchCfg:
     rms_norm = branch.get("norm_layer_type", "LayerNorm") == "RMSNorm"
     if rms_norm != bool(branch.get("qk_normalization")):
         raise ValueError("RMSNorm and qk-normalisation are supported together only (the InternViT-6B combination)")
     dense = "real_size" in branch
-    segments = tuple((int(start), int(end)) for start, end in branch["interaction_indexes"])
+    segments = tuple(tuple(pair) for pair in branch["interaction_indexes"])
     if "convnext" in str(branch.get("pretrained", "")).lower():
         if branch["pretrained"] not in _HF_CONVNEXT:
             raise ValueError(f"unknown ConvNeXt checkpoint {branch['pretrained']!r}; known: {sorted(_HF_CONVNEXT)}")
@@ -90,6 +102,8 @@ def model_kwargs_from_official(config: Mapping[str, Any]) -> dict[str, Any]:
     backbone) to PIIP kwargs."""
     branch_keys = sorted((k for k in config if k.startswith("branch") and k[6:].isdigit()), key=lambda k: int(k[6:]))
     branches = [config[k] for k in branch_keys]
+    if not branches:
+        raise ValueError(f"an official PIIP config needs branch1, branch2, ... entries; got keys {sorted(config)}")
     interaction = InteractionCfg(
         num_heads=config.get("deform_num_heads", 16),
         n_points=config.get("n_points", 4),

@@ -25,26 +25,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.models import load_pretrained
 from timm.models._features import feature_take_indices
 
 from .branches import BranchAdapter, build_branch
-from .config import BranchCfg, InteractionCfg, check_segments, resolve_branch_sizes, stage_count
+from .config import (
+    BranchCfg,
+    InteractionCfg,
+    check_feature_indices,
+    check_piip_args,
+    check_segments,
+    resolve_branch_sizes,
+)
 from .hub import load_checkpoint
 from .layers.heads import BranchHeads, FeatureHead, LinearHead
 from .layers.interaction import BranchGeometry, InteractionBlock, init_piip_weights
 from .layers.merge import classification_merge, dense_merge, merge_maps, regular_dense_merge
 from .layers.msdeform_attn import reference_points
-from .layers.permute import depthwise_kernels_channels_last
 from .layers.pyramid import build_feature_taps
 from .layers.window_attention import WindowPadding
+from .weights import staged_pretrained
 
 __all__ = ["PIIP"]
 
@@ -118,31 +123,20 @@ class PIIP(nn.Module):
                 every merge is the lighter (Conv3x3-)GroupNorm-ReLU. Needed by branches whose width changes between
                 stages (ConvNeXt).
             drop_rate: Dropout before the classifier.
-            drop_path_rate: Stochastic depth as timm's factory argument means it: when given, every branch's blocks
-                get a linear schedule from 0 at its first block to this rate at its last (replacing the configured
-                per-branch ``BranchCfg.drop_path_rate``/``drop_path_mode``); the interactions keep
-                ``interaction.drop_path_rate``. None keeps the branch configs.
+            drop_path_rate: timm's stochastic depth: each branch's blocks from 0 linearly up to this rate, replacing
+                the branch configs' rates (None keeps them); the interactions keep ``interaction.drop_path_rate``.
             device: Parameter device.
             dtype: Parameter dtype.
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        branches = tuple(branches)
-        if drop_path_rate is not None:
-            if not 0.0 <= drop_path_rate < 1.0:
-                raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-            branches = tuple(replace(b, drop_path_rate=drop_path_rate, drop_path_mode="linear") for b in branches)
-        merge_stages = tuple(int(s) for s in merge_stages)
-        _check_head_options(
-            branches, head_type, num_classes, global_pool, with_fpn, merge_stages, class_token, window_padding
+        branches, merge_stages = check_piip_args(
+            branches, interaction, num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
+            head_type=head_type, head_pools={name: head.pools for name, head in _HEADS.items()},
+            class_token=class_token, img_size=img_size, branch_sizes=branch_sizes, window_padding=window_padding,
+            with_fpn=with_fpn, fpn_levels=fpn_levels, fpn_norm=fpn_norm, merge_stages=merge_stages,
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate,
         )
-        num_stages = stage_count(branches)
-        if merge_stages and (list(merge_stages) != sorted(set(merge_stages)) or not 0 <= merge_stages[0]
-                             or merge_stages[-1] >= num_stages - 1):
-            raise ValueError(
-                f"merge_stages must be increasing interaction stages before the last ({num_stages - 1}), got "
-                f"{merge_stages}"
-            )
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -150,30 +144,32 @@ class PIIP(nn.Module):
         self.branch_sizes = resolve_branch_sizes(branches, img_size, branch_sizes)
         self.window_padding = window_padding
         self.grad_checkpointing = False
-        built = [
-            build_branch(k, cfg, size, num_classes, in_chans, class_token, head_type == "separate", window_padding, dd)
-            for k, (cfg, size) in enumerate(zip(branches, self.branch_sizes))
-        ]
+
+        def build(branch_dd: dict) -> list[tuple[nn.Module, BranchAdapter]]:
+            return [
+                build_branch(k, cfg, size, num_classes, in_chans, class_token, head_type == "separate",
+                             window_padding, branch_dd)
+                for k, (cfg, size) in enumerate(zip(branches, self.branch_sizes))
+            ]
+
+        # The branches' structure is checked on meta-device builds, before any weight is allocated.
+        built = build({"device": "meta", "dtype": dtype})
+        adapters = [adapter for _, adapter in built]
+        _check_structure(branches, adapters, self.branch_sizes, interaction)
+        self._check_widths(branches, adapters, head_type, merge_stages)
+        if device is None or torch.device(device).type != "meta":
+            built = build(dd)
         self.branches = nn.ModuleList(model for model, _ in built)
         # Plain tuple, not a module: the adapters add no state-dict level (keys stay branches.{k}.<timm names>).
         self._adapters: tuple[BranchAdapter, ...] = tuple(adapter for _, adapter in built)
-        for k, (cfg, adapter) in enumerate(zip(branches, self._adapters)):
-            check_segments(k, cfg.segments, adapter.depth)
         # The build configuration, read by piip_models.counting (paper-convention twin) and the CLI's ``info``.
         self.branch_cfgs = branches
         self.interaction_cfg = interaction
         self.segments = tuple(cfg.segments for cfg in branches)
         self.windows = tuple(adapter.windows for adapter in self._adapters)
         self.embed_dims = tuple(adapter.embed_dim for adapter in self._adapters)
-        # Width and stride of every branch at the end of every stage (ConvNeXt branches change both).
-        self.stage_dims = tuple(
-            tuple(a.widths[segs[i][1]] for a, segs in zip(self._adapters, self.segments)) for i in range(num_stages)
-        )
-        self.stage_strides = tuple(
-            tuple(a.strides[segs[i][1]] for a, segs in zip(self._adapters, self.segments)) for i in range(num_stages)
-        )
+        self.stage_dims, self.stage_strides = _stage_geometry(self._adapters, self.segments)
         self.min_input_sizes = tuple(adapter.min_input for adapter in self._adapters)
-        self._check_widths(branches, merge_stages)
 
         self.interactions = nn.ModuleList(
             InteractionBlock(
@@ -213,7 +209,6 @@ class PIIP(nn.Module):
         self.pyramid_stages = tuple(tap.stage for tap in self.taps) if merge_stages else ()
         if self.fpn is not None:
             self.fpn.apply(init_piip_weights)
-        depthwise_kernels_channels_last(self)
 
     def _build_merges(self, head_type: HeadType, merge_stages: tuple[int, ...], dd: dict) -> None:
         """The branch merges and weights of the final map and, for regular pyramids, of every merge stage."""
@@ -240,16 +235,21 @@ class PIIP(nn.Module):
             )
             self.stage_merges.apply(init_piip_weights)
 
-    def _check_widths(self, branches: Sequence[BranchCfg], merge_stages: tuple[int, ...]) -> None:
-        kinds = [type(adapter) for adapter in self._adapters]
+    @staticmethod
+    def _check_widths(
+        branches: Sequence[BranchCfg], adapters: Sequence[BranchAdapter], head_type: str, merge_stages: tuple[int, ...]
+    ) -> None:
+        """Raises unless widths do not grow along the pyramid and the head's merges can take them."""
+        kinds = [type(adapter) for adapter in adapters]
+        dims = [adapter.embed_dim for adapter in adapters]
         # Widths only rank models of one kind: a ConvNeXt-T is wider than a (larger-image) ViT-S.
-        if any(ka == kb and a < b for ka, kb, a, b in zip(kinds, kinds[1:], self.embed_dims, self.embed_dims[1:])):
+        if any(ka == kb and a < b for ka, kb, a, b in zip(kinds, kinds[1:], dims, dims[1:])):
             raise ValueError(
-                f"branch order is not inverted: widths {self.embed_dims} must not grow from branch 0 (largest model, "
+                f"branch order is not inverted: widths {tuple(dims)} must not grow from branch 0 (largest model, "
                 "smallest image) to the last branch (compared between branches of the same kind)"
             )
-        widening = [k for k, adapter in enumerate(self._adapters) if len(set(adapter.widths)) > 1]
-        if widening and (self.head_type == "merged" or (self.head_type == "dense" and not merge_stages)):
+        widening = [k for k, adapter in enumerate(adapters) if len(set(adapter.widths)) > 1]
+        if widening and (head_type == "merged" or (head_type == "dense" and not merge_stages)):
             k = widening[0]
             raise ValueError(
                 f"branch {k} ({branches[k].model_name}) changes width between stages, which one set of merges cannot "
@@ -406,6 +406,8 @@ class PIIP(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        if indices is not None:
+            check_feature_indices(indices, len(self.taps), unique=False)
         take_indices, _ = feature_take_indices(len(self.taps), indices)
         taps = [self.taps[i] for i in take_indices]
         stages = {tap.stage for tap in taps}
@@ -428,6 +430,7 @@ class PIIP(nn.Module):
         Returns:
             The indices of the kept taps in the pruned model.
         """
+        check_feature_indices(indices, len(self.taps))
         take_indices, _ = feature_take_indices(len(self.taps), indices)
         keep = sorted(take_indices)
         taps = [self.taps[i] for i in keep]
@@ -472,6 +475,8 @@ class PIIP(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module | tuple[nn.Module, ...]:
+        """The classifier: the head (merged and dense heads, whose ``weight``/``bias`` it holds), each branch's
+        ``head`` (separate heads), or ``()`` (no classifier)."""
         return self.head.classifier()
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
@@ -507,6 +512,7 @@ class PIIP(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
+        """Parameter patterns timm's optimizer factory exempts from weight decay: embeddings and tokens."""
         names = {"branches.*.pos_embed", "branches.*.cls_token", "branches.*.reg_token"}
         if any(name.endswith("relative_position_bias_table") for name, _ in self.named_parameters()):
             names.add("branches.*.relative_position_bias_table")
@@ -535,13 +541,14 @@ class PIIP(nn.Module):
 
     @torch.jit.ignore
     def load_branch_weights(self, cache_dir: str | None = None) -> None:
-        """Loads each branch's timm pretrained weights (from its ``model_name`` tag) through timm's Hub path.
+        """Loads each branch's timm pretrained weights (from its ``model_name`` tag) through timm's Hub path, all or
+        nothing: every branch's weights are read and checked before any is copied.
 
         Position embeddings are resampled to the branch grid; interactions and merges keep their current values
         (zero-initialised gates make a fresh pyramid equal to the independent branches).
         """
-        for adapter, branch in zip(self._adapters, self.branches):
-            load_pretrained(
+        staged = [
+            staged_pretrained(
                 branch,
                 pretrained_cfg=branch.pretrained_cfg,
                 num_classes=branch.num_classes,
@@ -549,42 +556,45 @@ class PIIP(nn.Module):
                 filter_fn=adapter.filter_fn,
                 cache_dir=cache_dir,
             )
+            for adapter, branch in zip(self._adapters, self.branches)
+        ]
+        with torch.no_grad():
+            for branch, state_dict in zip(self.branches, staged):
+                branch.load_state_dict(state_dict, strict=False)  # checked above
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str, strict: bool = True) -> None:
         """Loads an official OpenGVLab/PIIP or piip-models checkpoint file (safetensors, or a weights-only pickle).
 
         Official layouts are converted and detector heads dropped; a checkpoint that does not fit raises before any
-        parameter changes. timm calls this for tags with a released checkpoint (``custom_load``).
+        parameter changes (``strict=False`` skips missing and unexpected tensors, never mis-shaped ones). timm calls
+        this for tags with a released checkpoint (``custom_load``).
         """
         load_checkpoint(self, checkpoint_path, strict=strict)
 
 
-def _check_head_options(
-    branches: tuple[BranchCfg, ...],
-    head_type: str,
-    num_classes: int,
-    global_pool: str,
-    with_fpn: bool,
-    merge_stages: tuple[int, ...],
-    class_token: bool,
-    window_padding: str,
+def _stage_geometry(
+    adapters: Sequence[BranchAdapter], segments: Sequence[Sequence[tuple[int, int]]]
+) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+    """Width and stride of every branch at the end of every stage (ConvNeXt branches change both)."""
+    ends = [[seg[1] for seg in segs] for segs in segments]
+    dims = tuple(zip(*([a.widths[end] for end in e] for a, e in zip(adapters, ends))))
+    strides = tuple(zip(*([a.strides[end] for end in e] for a, e in zip(adapters, ends))))
+    return dims, strides
+
+
+def _check_structure(
+    branches: Sequence[BranchCfg], adapters: Sequence[BranchAdapter], sizes: Sequence[int], interaction: InteractionCfg
 ) -> None:
-    if not branches:
-        raise ValueError("a pyramid needs at least one branch")
-    if head_type not in _HEADS:
-        raise ValueError(f"head_type must be 'separate', 'merged', 'dense' or 'none', got {head_type!r}")
-    if global_pool not in _HEADS[head_type].pools:
-        raise ValueError(
-            f"global_pool for a {head_type} head must be one of {_HEADS[head_type].pools}, got {global_pool!r}"
-        )
-    if with_fpn and head_type != "dense":
-        raise ValueError(f"with_fpn needs head_type='dense', got {head_type!r}")
-    if merge_stages and head_type != "dense":
-        raise ValueError(f"merge_stages needs head_type='dense', got {head_type!r}")
-    if head_type == "none" and num_classes:
-        raise ValueError(f"head_type='none' has no classifier; build it with num_classes=0, not {num_classes}")
-    if window_padding not in ("before_qkv", "after_qkv"):
-        raise ValueError(f"window_padding must be 'before_qkv' or 'after_qkv', got {window_padding!r}")
-    if class_token and any(b.window_size for b in branches):
-        raise ValueError("windowed attention works on the patch grid alone; build the model with class_token=False")
+    """Raises unless the branches, as built, fit the configuration: segments cover every unit, every branch image
+    holds at least one token and the interactions can split the widths into heads."""
+    for k, (cfg, adapter, size) in enumerate(zip(branches, adapters, sizes)):
+        check_segments(k, cfg.segments, adapter.depth)
+        if size < max(adapter.min_input):
+            raise ValueError(
+                f"branch {k} ({cfg.model_name}) at {size} px is smaller than the {adapter.min_input[0]}x"
+                f"{adapter.min_input[1]} px it needs for one token; give it a larger size"
+            )
+    if len(adapters) > 1:
+        stage_dims, _ = _stage_geometry(adapters, [cfg.segments for cfg in branches])
+        interaction.check_widths(sorted({dim for stage in stage_dims for dim in stage}))

@@ -30,7 +30,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
 from ._builder import CONVNEXT_39_SEGMENTS, build_piip, piip_cfg
-from .config import BranchCfg, InteractionCfg, even_segments
+from .config import BranchCfg, InteractionCfg, check_int, even_segments
 from .hub import official_checkpoint
 from .layers.projector import BranchMLPProjector
 from .piip import PIIP
@@ -77,6 +77,7 @@ class PIIPLlava(PIIP):
             device: Parameter device.
             dtype: Parameter dtype.
         """
+        check_int("llm_dim", llm_dim, 1)
         super().__init__(
             branches, interaction or InteractionCfg(), num_classes=num_classes, in_chans=in_chans,
             global_pool=global_pool, head_type="none", class_token=True, img_size=img_size, branch_sizes=branch_sizes,
@@ -98,6 +99,7 @@ class PIIPLlava(PIIP):
 
     @torch.jit.ignore
     def get_classifier(self) -> BranchMLPProjector:
+        """The projector, which takes the classifier's place."""
         return self.projector
 
 

@@ -3,7 +3,9 @@
 Weight compatibility lives here, never in ``forward``: position embeddings are resampled to the model's grids, the
 official key names (``branch{k}.``, ``gamma_1``, ``interaction_units_{ab}``, ``merge_branch{k}``, ``w{k}``, ...) are
 renamed to the timm-style names of :class:`piip_models.PIIP`, detector heads and the language model of a
-PIIP-LLaVA checkpoint are dropped (and logged), and the result is checked against the model before anything is loaded.
+PIIP-LLaVA checkpoint are dropped (and logged), and the result is checked against the model before anything is loaded:
+keys, shapes and dtype kinds (integer and bool tensors are never cast into floating-point weights, nor floats into
+integer buffers), for ``strict=False`` loads too, so a load either copies everything it promised or nothing.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
+from timm.models import load_pretrained
 from timm.models.convnext import ConvNeXt
 from timm.models.convnext import checkpoint_filter_fn as convnext_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer
@@ -28,13 +32,17 @@ __all__ = [
     "CheckpointMismatchError",
     "adapt_pos_embed",
     "adapt_rel_pos_tables",
+    "adapt_state_dict",
     "branch_checkpoint_filter_fn",
     "check_state_dict",
+    "check_tensors",
     "checkpoint_filter_fn",
+    "dtype_mismatches",
     "convert_official_state_dict",
     "convnext_branch_checkpoint_filter_fn",
     "keys_to_load",
     "report_dropped",
+    "staged_pretrained",
     "unwrap_state_dict",
 ]
 
@@ -103,8 +111,8 @@ def adapt_pos_embed(pos_embed: torch.Tensor, branch: VisionTransformer) -> torch
     antialiasing, as the reference implementation does.
     """
     target_shape = branch.pos_embed.shape
-    if pos_embed.shape == target_shape:
-        return pos_embed
+    if pos_embed.shape == target_shape or not pos_embed.is_floating_point():
+        return pos_embed  # (integers are not resampled: the check before loading refuses them)
     num_tokens = pos_embed.shape[1]
     src_grid = math.isqrt(num_tokens)
     src_slots = num_tokens - src_grid * src_grid
@@ -136,7 +144,8 @@ def adapt_rel_pos_tables(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     for key, value in state_dict.items():
         if key.endswith("relative_position_index"):
             continue
-        if key.endswith("relative_position_bias_table") and key in targets and value.shape != targets[key].shape:
+        if (key.endswith("relative_position_bias_table") and key in targets and value.shape != targets[key].shape
+                and value.is_floating_point()):
             dst_side = math.isqrt(targets[key].shape[0])
             src_side = math.isqrt(value.shape[0])
             if dst_side * dst_side != targets[key].shape[0] or value.shape[1] != targets[key].shape[1]:
@@ -166,7 +175,7 @@ def branch_checkpoint_filter_fn(state_dict: Mapping[str, Any], model: VisionTran
     state_dict = adapt_rel_pos_tables(state_dict, model)
     kernel = state_dict.get("patch_embed.proj.weight")
     target = model.patch_embed.proj.weight.shape[-2:]
-    if kernel is not None and kernel.dim() == 4 and kernel.shape[-2:] != target:
+    if kernel is not None and kernel.dim() == 4 and kernel.shape[-2:] != target and kernel.is_floating_point():
         # PIIP resizes patch-14 kernels to 16 by plain bicubic interpolation (not timm's pseudo-inverse resampling).
         state_dict["patch_embed.proj.weight"] = F.interpolate(
             kernel.float(), size=tuple(target), mode="bicubic", align_corners=False
@@ -334,61 +343,110 @@ def _listing(title: str, lines: list[str]) -> str:
     return f"\n  {title} ({len(lines)}):{shown}{more}" if lines else ""
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def _kind(tensor: torch.Tensor) -> str:
+    if tensor.dtype == torch.bool:
+        return "bool"
+    return "floating-point" if tensor.is_floating_point() or tensor.is_complex() else "integer"
+
+
+def dtype_mismatches(state_dict: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> list[str]:
+    """The tensors a copy would convert between kinds (integer, bool, floating point): ``copy_`` would cast a uint8
+    -3 to 253.0 or truncate floats into integer buffers. Other dtype differences (float16 into float32) are fine."""
+    return [
+        f"{k}: checkpoint {v.dtype}, model {targets[k].dtype}"
+        for k, v in state_dict.items() if k in targets and _kind(v) != _kind(targets[k])
+    ]
+
+
+def check_tensors(
+    state_dict: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], name: str, strict: bool = True
+) -> dict[str, torch.Tensor]:
+    """Checks tensors against a module's state dict (``targets``) before anything is copied.
+
+    Args:
+        state_dict: Tensors to load.
+        targets: The module's ``state_dict()``.
+        name: The module, as error messages call it.
+        strict: Missing and unexpected tensors are errors; without ``strict`` they are skipped (and logged), as long
+            as at least one tensor loads.
+
+    Returns:
+        The tensors to copy: each fits its target in shape and dtype kind.
+
+    Raises:
+        CheckpointMismatchError: Listing every missing, unexpected (with ``strict``), mis-shaped tensor and every
+            tensor of another dtype kind; nothing may be copied then.
+    """
+    missing = [f"{k} {_shape(v)}" for k, v in targets.items() if k not in state_dict]
+    unexpected = [f"{k} {_shape(v)}" for k, v in state_dict.items() if k not in targets]
+    mismatched = [
+        f"{k}: checkpoint {_shape(v)}, model {_shape(targets[k])}"
+        for k, v in state_dict.items() if k in targets and _shape(v) != _shape(targets[k])
+    ]
+    wrong_kind = dtype_mismatches(state_dict, targets)
+    loadable = {k: v for k, v in state_dict.items() if k in targets}
+    if strict and (missing or unexpected) or mismatched or wrong_kind or not loadable:
+        counts = [f"{len(missing)} missing", f"{len(unexpected)} unexpected"] if strict or not loadable else []
+        counts.append(f"{len(mismatched)} mis-shaped")
+        if wrong_kind:
+            counts.append(f"{len(wrong_kind)} wrong-dtype")
+        summary = " and ".join(filter(None, (", ".join(counts[:-1]), counts[-1])))
+        raise CheckpointMismatchError(
+            f"checkpoint does not fit {name} (nothing was loaded): {summary} tensors (after conversion to "
+            "piip-models names)"
+            + _listing("missing from the checkpoint", missing if strict or not loadable else [])
+            + _listing("not in the model", unexpected if strict or not loadable else [])
+            + _listing("shape mismatch", mismatched)
+            + _listing("dtype mismatch (integer or bool tensors are never cast to floats, nor floats to integers)",
+                       wrong_kind)
+        )
+    if missing or unexpected:
+        _logger.info("strict=False: %d tensors of %s kept as they are (missing from the checkpoint), %d checkpoint "
+                     "tensors skipped (not in the model)", len(missing), name, len(unexpected))
+    return loadable
+
+
+def check_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module, strict: bool = True
+) -> dict[str, torch.Tensor]:
     """Checks a converted state dict against ``model`` before anything is loaded.
 
     Classifier tensors for another class count (``num_classes`` differs from the checkpoint's, or 0) are left out so
-    the model keeps its fresh heads, as timm does. Every other difference is an error.
+    the model keeps its fresh heads, as timm does. Every other difference is an error (with ``strict``; without it,
+    missing and unexpected tensors are skipped, see :func:`check_tensors`).
 
     Args:
         state_dict: State dict with piip-models key names (the output of the conversion).
         model: The target model (any device, ``meta`` included).
+        strict: Require every model tensor and no other.
 
     Returns:
         The tensors to load.
 
     Raises:
-        CheckpointMismatchError: Listing the missing keys, unexpected keys and shape mismatches.
+        CheckpointMismatchError: Listing the missing keys, unexpected keys, shape and dtype-kind mismatches.
     """
-    expected = {k: _shape(v) for k, v in model.state_dict().items()}
+    targets = model.state_dict()
     heads = ("head.",) + tuple(f"branches.{k}.head." for k in range(len(model.branches)))
     # a head for another class count: absent from the model (num_classes=0) or differing in its first dimension
     other_classes = [
         k for k, v in state_dict.items()
-        if k.startswith(heads) and (k not in expected or expected[k] != _shape(v) and expected[k][1:] == _shape(v)[1:])
+        if k.startswith(heads) and (
+            k not in targets or _shape(targets[k]) != _shape(v) and _shape(targets[k])[1:] == _shape(v)[1:])
     ]
     if other_classes:
         _logger.info("classifier tensors for another class count not loaded: %s", sorted(other_classes))
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
-        expected = {k: v for k, v in expected.items() if not k.startswith(heads)}
-    missing = [f"{k} {shape}" for k, shape in expected.items() if k not in state_dict]
-    unexpected = [f"{k} {_shape(v)}" for k, v in state_dict.items() if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {_shape(v)}, model {expected[k]}"
-        for k, v in state_dict.items() if k in expected and _shape(v) != expected[k]
-    ]
-    if missing or unexpected or mismatched:
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-        raise CheckpointMismatchError(
-            f"checkpoint does not fit {name} (nothing was loaded): {len(missing)} missing, {len(unexpected)} "
-            f"unexpected and {len(mismatched)} mis-shaped tensors (after conversion to piip-models names)"
-            + _listing("missing from the checkpoint", missing)
-            + _listing("not in the model", unexpected)
-            + _listing("shape mismatch", mismatched)
-        )
-    return dict(state_dict)
+        targets = {k: v for k, v in targets.items() if not k.startswith(heads)}
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    return check_tensors(state_dict, targets, name, strict)
 
 
-def checkpoint_filter_fn(
-    state_dict: Mapping[str, Any], model: nn.Module, strict: bool = True
-) -> dict[str, torch.Tensor]:
-    """Loads piip-models or official PIIP checkpoints into ``model``, resampling position embeddings per branch.
-
-    Official layouts (classification, detection with their ``backbone.`` prefix and detector heads, single-ViT
-    baselines) are converted; pyramid levels the model does not build (no ``with_fpn``, or DINO's unused stride-4
-    level) are dropped and logged. With ``strict`` the result is checked against the model
-    (:func:`check_state_dict`), so a wrong checkpoint fails before any tensor is copied.
-    """
+def adapt_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A piip-models or official PIIP checkpoint as ``model``'s tensors, unchecked: official layouts (classification,
+    detection with their ``backbone.`` prefix and detector heads, single-ViT baselines) converted, pyramid levels the
+    model does not build (no ``with_fpn``, or DINO's unused stride-4 level) dropped and logged, position embeddings
+    and relative position tables resampled per branch."""
     state_dict = unwrap_state_dict(state_dict)
     if is_official_layout(state_dict):
         state_dict = convert_official_state_dict(state_dict)
@@ -401,5 +459,36 @@ def checkpoint_filter_fn(
         key = f"branches.{k}.pos_embed"
         if key in state_dict and isinstance(branch, VisionTransformer):  # (a ConvNeXt branch: reported unexpected)
             state_dict[key] = adapt_pos_embed(state_dict[key], branch)
-    state_dict = adapt_rel_pos_tables(state_dict, model)
-    return check_state_dict(state_dict, model) if strict else state_dict
+    return adapt_rel_pos_tables(state_dict, model)
+
+
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Any], model: nn.Module, strict: bool = True
+) -> dict[str, torch.Tensor]:
+    """Loads piip-models or official PIIP checkpoints into ``model``: :func:`adapt_state_dict`, then
+    :func:`check_state_dict`, so a wrong checkpoint fails before any tensor is copied (``strict=False`` skips
+    missing and unexpected tensors, but never loads a mis-shaped or integer-for-float one)."""
+    return check_state_dict(adapt_state_dict(state_dict, model), model, strict)
+
+
+def staged_pretrained(model: nn.Module, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """What timm's ``load_pretrained(model, **kwargs)`` would copy into ``model``, read and checked but not copied.
+
+    timm downloads, filters and adapts (input channels, classifier) the weights, then calls
+    ``model.load_state_dict``, which copies tensor after tensor and only then reports what did not fit. Here that
+    last call is intercepted: the tensors are checked (:func:`check_tensors`, with timm's strictness) and returned,
+    so several models can be loaded all or nothing.
+    """
+    staged: dict[str, torch.Tensor] = {}
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+
+    def check_instead_of_copying(state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        staged.update(check_tensors(state_dict, model.state_dict(), name, strict))
+        return SimpleNamespace(missing_keys=[], unexpected_keys=[])  # what timm reads of torch's result
+
+    model.load_state_dict = check_instead_of_copying  # an instance attribute shadows the method for this call only
+    try:
+        load_pretrained(model, **kwargs)
+    finally:
+        del model.load_state_dict
+    return staged

@@ -1,13 +1,15 @@
 """Released mmdet 2.x Mask R-CNN checkpoints (``OpenGVLab/PIIP`` ``detection/mask_rcnn_*.pth``) into torchvision
 detectors built around :class:`~piip_models.detection.PIIPBackboneWithFPN`.
 
-The backbone (``backbone.*``, official PIIP names) goes through :func:`piip_models.weights.checkpoint_filter_fn`;
+The backbone (``backbone.*``, official PIIP names) goes through :func:`piip_models.weights.adapt_state_dict`;
 the FPN neck, RPN head and RoI heads are renamed one to one, except the classifiers: mmdet's box classifier puts the
 background last and numbers the 80 COCO classes 0..79, torchvision's puts the background first; with 91 outputs each
 class moves to its COCO category id (the slots of unused ids get bias -1e4, so their softmax share underflows to
 0 and the other probabilities are mmdet's), with ``80 + 1`` outputs class ``j`` moves to ``j + 1``.
 
-Everything is checked before anything is copied: a checkpoint that does not fit changes no parameter.
+Everything is checked before anything is copied (names, shapes and dtype kinds, as
+:func:`piip_models.weights.check_tensors` does for the other loads): a checkpoint that does not fit changes no
+parameter.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from .. import PIIP
 from ..hub import read_checkpoint
-from ..weights import CheckpointMismatchError, checkpoint_filter_fn
+from ..weights import CheckpointMismatchError, adapt_state_dict, dtype_mismatches
 from .coco import COCO_CATEGORY_IDS, COCO_CLASSES
 
 __all__ = ["ConversionReport", "convert_mmdet_checkpoint", "load_mmdet_checkpoint"]
@@ -163,7 +165,7 @@ def convert_mmdet_checkpoint(
     prefix, piip = _piip_prefix(model)
 
     backbone = {k: v for k, v in tensors.items() if k.startswith("backbone.")}
-    converted = {prefix + k: v for k, v in checkpoint_filter_fn(backbone, piip, strict=False).items()}
+    converted = {prefix + k: v for k, v in adapt_state_dict(backbone, piip).items()}
     unexpected: dict[str, tuple[int, ...]] = {}  # checkpoint tensors no rule maps (mmdet or converted names)
     unused, kept = [], []
     for key, value in tensors.items():
@@ -210,14 +212,16 @@ def convert_mmdet_checkpoint(
         f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
         for k, v in converted.items() if v.shape != expected[k].shape
     ]
-    if missing or unexpected or mismatched:
+    wrong_dtype = dtype_mismatches(converted, expected)
+    if missing or unexpected or mismatched or wrong_dtype:
         raise CheckpointMismatchError(
             f"the mmdet checkpoint does not fit this {type(model).__name__} (nothing was loaded): {len(missing)} "
-            f"missing, {len(unexpected)} unexpected and {len(mismatched)} mis-shaped tensors (torchvision names; "
-            "mmdet names where no rule applies)"
+            f"missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped and {len(wrong_dtype)} "
+            "wrong-dtype tensors (torchvision names; mmdet names where no rule applies)"
             + _listing("missing from the checkpoint", missing)
             + _listing("not in the model", [f"{k} {shape}" for k, shape in unexpected.items()])
             + _listing("shape mismatch", mismatched)
+            + _listing("dtype mismatch (integer or bool tensors are never cast to floats)", wrong_dtype)
         )
     state_dict = {k: v.to(expected[k].dtype) for k, v in converted.items()}
     return state_dict, ConversionReport(tuple(unused), tuple(kept), classes)

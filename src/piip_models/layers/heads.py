@@ -138,9 +138,11 @@ class LinearHead(FeatureHead):
         return self._num_classes
 
     def classifier(self) -> nn.Module:
+        """The head itself: it holds the classifier's ``weight`` and ``bias``."""
         return self
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of channels-last features (the features themselves without classes)."""
         return x if self.weight is None else F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -170,6 +172,7 @@ class BranchHeads(FeatureHead):
         return self._branches[0].num_classes
 
     def classifier(self) -> tuple[nn.Module, ...]:
+        """Every branch's ``head``."""
         return tuple(branch.head for branch in self._branches)
 
     def _build_classifier(self, num_classes: int, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
@@ -179,10 +182,12 @@ class BranchHeads(FeatureHead):
             branch.num_classes = num_classes
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``'first_patch'`` reads the first token of every branch's slice; otherwise as :class:`FeatureHead`."""
         # a copy, not a view of the map: without a classifier the readout is the output (see FeatureHead.forward)
         return x[:, 0, 0].clone() if self.global_pool == "first_patch" else super().pool(x)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of every branch classifier's logits over its slice of the channels."""
         if not self.num_classes:
             return x
         parts = x.split(list(self.widths), dim=-1)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
+from ..config import check_levels
 from .merge import group_norm
 
 __all__ = [
@@ -34,12 +35,6 @@ PYRAMID_STRIDES = (4, 8, 16, 32)
 def level_name(level: int) -> str:
     """``p2`` .. ``p5`` for level indices 0 .. 3."""
     return f"p{level + 2}"
-
-
-def check_levels(levels: Sequence[int]) -> None:
-    """Raises unless ``levels`` are increasing level indices in 0 .. 3."""
-    if not levels or any(level not in range(4) for level in levels) or list(levels) != sorted(set(levels)):
-        raise ValueError(f"fpn_levels must be increasing indices in 0..3 (pyramid levels p2..p5), got {levels}")
 
 
 def pyramid_level(scale: float, dim: int, dd: dict[str, Any], norm: Literal["group", "layer"] = "group") -> nn.Module:

@@ -30,8 +30,10 @@ def _partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, int, int]:
     if pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     padded_h, padded_w = height + pad_h, width + pad_w
-    x = x.view(batch, padded_h // window, window, padded_w // window, window, channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, channels), padded_h, padded_w
+    rows, cols = padded_h // window, padded_w // window
+    x = x.view(batch, rows, window, cols, window, channels)
+    # explicit sizes (no -1), so that an empty batch reshapes too
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch * rows * cols, window * window, channels), padded_h, padded_w
 
 
 def _unpartition(windows: torch.Tensor, window: int, batch: int, padded: tuple[int, int], grid: tuple[int, int]):
@@ -166,7 +168,7 @@ def windowed_attention(
         attn.check_window(window)
         windows, padded_h, padded_w = _partition(tokens, window)
         out = _unpartition(attn(windows), window, batch, (padded_h, padded_w), grid)
-        return out.reshape(batch, grid[0] * grid[1], -1)
+        return out.reshape(batch, grid[0] * grid[1], out.shape[-1])
     bias = attn.position_bias(window) if rel_pos else None
 
     def project(t: torch.Tensor) -> torch.Tensor:
@@ -185,10 +187,10 @@ def windowed_attention(
     q, k = attn.q_norm(q), attn.k_norm(k)
     mask = None if bias is None else bias.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    out = _unpartition(out.transpose(1, 2).reshape(out.shape[0], -1, heads * head_dim), window, batch,
+    out = _unpartition(out.transpose(1, 2).reshape(out.shape[0], window * window, heads * head_dim), window, batch,
                        (padded_h, padded_w), grid)
     # the output projection sees only the real tokens, as in the official windowed attention
-    return attn.proj_drop(attn.proj(attn.norm(out.reshape(batch, grid[0] * grid[1], -1))))
+    return attn.proj_drop(attn.proj(attn.norm(out.reshape(batch, grid[0] * grid[1], heads * head_dim))))
 
 
 def block_forward(
