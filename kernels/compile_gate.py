@@ -327,6 +327,6 @@ def run_table(args) -> tuple[list[KernelUsage], float]:
     print(format_table(usages))
     spilling = sum(1 for u in usages if u.spills or u.stack_bytes)
     print(f"\n{len(usages)} kernels ({len(cases)} configurations x sm_{'/sm_'.join(map(str, ARCHS))}) compiled in "
-          f"{seconds:.0f} s: {spilling} spill registers, occupancy {min(u.occupancy for u in usages):.0%}-"
+          f"{seconds:.0f} s: {spilling} of them spill registers, occupancy {min(u.occupancy for u in usages):.0%}-"
           f"{max(u.occupancy for u in usages):.0%}")
     return usages, seconds
