@@ -184,11 +184,13 @@ class _Maps:
         """
         heads = loc.shape[2]
         device = loc.device
-        xy = loc.movedim(-1, 0)
+        # Half locations are upcast first: multiplying them by the map size in their own dtype would round the pixel
+        # coordinates (to 0.4 px at W ~ 100 in bfloat16).
+        xy = loc.movedim(-1, 0).to(dtype)
         # out= and in-place ops skip allocations but are not differentiable; autograd only runs here when
         # msda_torch_forward is differentiated directly (the op has its own backward).
         if torch.is_grad_enabled() and loc.requires_grad:
-            pixel = torch.nan_to_num(xy.to(dtype) * self.scale - 0.5, nan=-float(_PAD))
+            pixel = torch.nan_to_num(xy * self.scale - 0.5, nan=-float(_PAD))
             pixel = torch.clamp(pixel, self.lower, self.scale)
             base = pixel.floor()
             frac = pixel - base
