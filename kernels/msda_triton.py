@@ -7,11 +7,12 @@ Notation (Deformable-DETR): image ``b``, query ``q``, head ``m``, level ``l`` wi
 row ``start_l`` of the flattened positions, point ``p``, channel ``d``. A sample reads the location
 ``(x, y) = loc[b, q, m, l, p]`` at the pixel ``(u, v) = (x * W_l - 0.5, y * H_l - 0.5)`` (``grid_sample`` with
 ``align_corners=False``); its four corners ``c = (i, j)``, ``i, j in {0, 1}``, are the pixels
-``(floor(v) + i, floor(u) + j)`` with the 1-D weights ``wy_c = i ? fv : 1 - fv`` and ``wx_c = j ? fu : 1 - fu``
+``(floor(v) + i, floor(u) + j)``, at the flat positions ``pixel_c`` (``start_l`` + row * ``W_l`` + column), with the
+1-D weights ``wy_c = i ? fv : 1 - fv`` and ``wx_c = j ? fu : 1 - fu``
 (``fu``, ``fv`` the fractional parts). Corners outside the map read zero; samples with ``u`` or ``v`` outside
 ``[-1, W_l)`` / ``[-1, H_l)``, or not finite, read nothing. With ``a = attn[b, q, m, l, p]``:
 
-* forward: ``out[b, q, m, :] = sum_{l, p} a * sum_c wy_c * wx_c * value[b, start_l + pixel_c, m, :]``;
+* forward: ``out[b, q, m, :] = sum_{l, p} a * sum_c wy_c * wx_c * value[b, pixel_c, m, :]``;
 * backward, with ``g = grad_out[b, q, m, :]`` and the corner dot products ``g_c = <g, value[b, pixel_c, m, :]>``:
   ``grad_attn = sum_c wy_c * wx_c * g_c``, ``grad_x = a * W_l * sum_c wy_c * sx_c * g_c`` and
   ``grad_y = a * H_l * sum_c sy_c * wx_c * g_c`` (``sx_c = +1`` for ``j = 1``, ``-1`` for ``j = 0``; ``sy_c``
@@ -19,12 +20,18 @@ row ``start_l`` of the flattened positions, point ``p``, channel ``d``. A sample
 
 Layout: a program covers ``BLOCK_R`` flat ``(query, head)`` rows of one image and the whole head width (``BLOCK_D``,
 the next power of two of ``HEAD_DIM``, masked), so small heads (6, 12, 24 ...) still fill a tile and the location and
-attention gradients reduce inside the program, with plain stores. The four corners of a sample are one
-``[BLOCK_R, 4, BLOCK_D]`` gather. Levels and points are loops with run-time trip counts, so registers do not grow
-with them and one compiled kernel serves every level and point count. Coordinates and accumulation are float32
-(float64 for float64 values), whatever the input dtypes; outputs are stored in the inputs' dtypes and the value
-gradient is accumulated with relaxed atomics in a float32 (float64) buffer. Offsets inside an image are int32 (the
-wrappers check that they fit), image offsets int64.
+attention gradients reduce inside the program, with plain stores. A sample's four corners are four
+``[BLOCK_R, BLOCK_D]`` gathers whose channels sit in the same threads, so the bilinear sums need no shuffles. Levels
+and points are loops with run-time trip counts: registers do not grow with them, and one compiled kernel serves
+every level and point count. Coordinates and accumulation are float32 (float64 for float64 values) whatever the input
+dtypes; outputs are stored in the inputs' dtypes, and the value gradient is accumulated with relaxed atomics in a
+float32 (float64) buffer. Offsets inside an image are int32 (the wrappers check that they fit), image offsets int64.
+
+Launch: :func:`launch_config` is the one heuristic (rows per program from the head width, four warps), chosen from the
+compile table of :mod:`.compile_gate`. On CUDA the kernels are autotuned over :func:`candidate_configs` (the
+heuristic's config and half its rows), once per head dim, dtypes and level/point counts; ``PIIP_MSDA_AUTOTUNE=0``
+launches the heuristic's config directly. Every candidate is in the compile gate, and the forward's result does not
+depend on the config.
 
 Strides are named as in Triton's flash-attention: ``stride_<tensor><dim>`` with ``v`` value (``b``, ``s`` position),
 ``s`` sampling locations (``b``, ``q``, ``h`` head, ``l`` level, ``p`` point, ``c`` coordinate), ``a`` attention
@@ -136,6 +143,30 @@ def _level(shapes_ptr, level):
 
 
 @triton.jit
+def _channels(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``[1, BLOCK_D]`` channel indices of a row and which of them exist."""
+    channels = tl.arange(0, BLOCK_D)[None, :]
+    return channels, channels < HEAD_DIM
+
+
+@triton.jit
+def _input_rows(value_ptr, loc_ptr, attn_ptr, batch, query, head, stride_vb, stride_sb, stride_sq, stride_sh,
+                stride_ab, stride_aq, stride_ah, HEAD_DIM: tl.constexpr):
+    """Per row: its head's channels at position 0 of ``value``, and its samples' first location and weight."""
+    value_rows = value_ptr + batch * stride_vb + head * HEAD_DIM
+    loc_rows = loc_ptr + batch * stride_sb + query * stride_sq + head * stride_sh
+    attn_rows = attn_ptr + batch * stride_ab + query * stride_aq + head * stride_ah
+    return value_rows, loc_rows, attn_rows
+
+
+@triton.jit
+def _load_corner(value_rows, pixel, on_map, stride_vs, channels, channels_ok):
+    """``[BLOCK_R, BLOCK_D]`` value rows at the flat positions ``pixel`` (zeros off the map), as stored."""
+    return tl.load(value_rows[:, None] + pixel[:, None] * stride_vs + channels, mask=on_map[:, None] & channels_ok,
+                   other=0.0)
+
+
+@triton.jit
 def _msda_fwd_kernel(
     value_ptr, shapes_ptr, loc_ptr, attn_ptr, out_ptr,
     queries, heads, levels, points,
@@ -146,11 +177,10 @@ def _msda_fwd_kernel(
 ):
     """``out[b, q, m, :] = sum_{l, p} a * sum_c wy_c * wx_c * value[b, pixel_c, m, :]`` (module docstring)."""
     batch, rows, rows_ok, query, head = _program_rows(queries, heads, BLOCK_R)
-    channels = tl.arange(0, BLOCK_D)[None, :]
-    channels_ok = channels < HEAD_DIM
-    value_rows = value_ptr + batch * stride_vb + head * HEAD_DIM
-    loc_rows = loc_ptr + batch * stride_sb + query * stride_sq + head * stride_sh
-    attn_rows = attn_ptr + batch * stride_ab + query * stride_aq + head * stride_ah
+    channels, channels_ok = _channels(BLOCK_D, HEAD_DIM)
+    value_rows, loc_rows, attn_rows = _input_rows(value_ptr, loc_ptr, attn_ptr, batch, query, head, stride_vb,
+                                                  stride_sb, stride_sq, stride_sh, stride_ab, stride_aq, stride_ah,
+                                                  HEAD_DIM)
     acc = tl.full([BLOCK_R, BLOCK_D], 0.0, dtype=COMPUTE)
     for level in range(levels):
         height, width, start = _level(shapes_ptr, level)
@@ -161,8 +191,7 @@ def _msda_fwd_kernel(
             for i in tl.static_range(2):
                 for j in tl.static_range(2):
                     pixel, on_map = _corner(v0, u0, height, width, start, inside, i, j)
-                    corner = tl.load(value_rows[:, None] + pixel[:, None] * stride_vs + channels,
-                                     mask=on_map[:, None] & channels_ok, other=0.0)
+                    corner = _load_corner(value_rows, pixel, on_map, stride_vs, channels, channels_ok)
                     weight = attn * _weight_1d(fv, i) * _weight_1d(fu, j)
                     acc += weight[:, None] * corner.to(COMPUTE)
     out = out_ptr + batch * queries * heads * HEAD_DIM + rows[:, None] * HEAD_DIM + channels
@@ -185,11 +214,10 @@ def _msda_bwd_kernel(
     ``grad_loc`` / ``grad_attn``, and with ``VALUE_GRAD`` scatters ``a * wy_c * wx_c * g`` into the contiguous
     ``grad_value`` buffer."""
     batch, rows, rows_ok, query, head = _program_rows(queries, heads, BLOCK_R)
-    channels = tl.arange(0, BLOCK_D)[None, :]
-    channels_ok = channels < HEAD_DIM
-    value_rows = value_ptr + batch * stride_vb + head * HEAD_DIM
-    loc_rows = loc_ptr + batch * stride_sb + query * stride_sq + head * stride_sh
-    attn_rows = attn_ptr + batch * stride_ab + query * stride_aq + head * stride_ah
+    channels, channels_ok = _channels(BLOCK_D, HEAD_DIM)
+    value_rows, loc_rows, attn_rows = _input_rows(value_ptr, loc_ptr, attn_ptr, batch, query, head, stride_vb,
+                                                  stride_sb, stride_sq, stride_sh, stride_ab, stride_aq, stride_ah,
+                                                  HEAD_DIM)
     grad_out = tl.load(grad_out_ptr + batch * stride_gb + (query * stride_gq + head * HEAD_DIM)[:, None] + channels,
                        mask=rows_ok[:, None] & channels_ok, other=0.0).to(COMPUTE)
     samples = levels * points
@@ -207,8 +235,7 @@ def _msda_bwd_kernel(
             for i in tl.static_range(2):
                 for j in tl.static_range(2):
                     pixel, on_map = _corner(v0, u0, height, width, start, inside, i, j)
-                    corner = tl.load(value_rows[:, None] + pixel[:, None] * stride_vs + channels,
-                                     mask=on_map[:, None] & channels_ok, other=0.0)
+                    corner = _load_corner(value_rows, pixel, on_map, stride_vs, channels, channels_ok)
                     # A corner off the map loads zeros, so its dot product vanishes without extra masking.
                     dot = _sum(grad_out * corner.to(COMPUTE), 1)
                     wy = _weight_1d(fv, i)
@@ -241,8 +268,9 @@ def launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> LaunchConfi
     """The launch heuristic: the config of every launch that is not autotuned, and the first autotuning candidate.
 
     Chosen from the compile table of :mod:`.compile_gate` (``python benchmarks/msda_compile.py``): about 8 (forward)
-    or 4 (backward) channels per thread and corner keep every kernel at 40-100 registers without spills on sm_80 and
-    sm_90, for an occupancy of 25-75%; larger tiles raise registers, smaller ones waste threads on per-row work.
+    or 4 (backward) channels per thread and corner (a quarter of that in float64) keep the forward at 32-69 and the
+    backward at 39-128 registers, without spills, on sm_80 and sm_90: 25-100% occupancy. Twice as much work per thread
+    takes 110-210 registers.
 
     Args:
         kernel: ``"forward"`` or ``"backward"``.
@@ -250,8 +278,8 @@ def launch_config(kernel: str, head_dim: int, dtype: torch.dtype) -> LaunchConfi
         dtype: value dtype.
     """
     block_d = triton.next_power_of_2(head_dim)
-    # Elements of one [BLOCK_R, BLOCK_D] corner gather per program; float64 takes two registers per element (and
-    # ptxas spills a few bytes at half this budget's rows).
+    # Elements of one [BLOCK_R, BLOCK_D] corner gather per program. float64 takes two registers per element, and with
+    # twice the rows of a quarter budget ptxas spilled a few bytes (forward, head dims 8 and 16, sm_90).
     budget = _TILE_ELEMENTS[kernel] // (4 if dtype == torch.float64 else 1)
     return LaunchConfig(max(1, min(_MAX_ROWS, budget // block_d)), _WARPS)
 
