@@ -15,6 +15,7 @@ from piip_models.kernels.msda_export import msda_gather
 from piip_models.kernels.msda_reference import reference
 from torch.export import Dim
 
+from piip_models.layers.interaction import BranchGeometry, Injector
 from piip_models.layers.msdeform_attn import MSDeformAttn, reference_points
 
 from .test_msda import make_inputs
@@ -47,6 +48,22 @@ class Layer(torch.nn.Module):
         _, _, feat_h, feat_w = feat.shape
         ref = reference_points(query_h, query_w, device=query.device)
         return self.attn(query.flatten(2).transpose(1, 2), ref, feat.flatten(2).transpose(1, 2), [(feat_h, feat_w)])
+
+
+class InjectorLayer(torch.nn.Module):
+    """A PIIP interaction injector (deformable attention, gated ConvFFN over the query grid) between two grids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.injector = Injector(32, 24, num_heads=4, n_points=4, deform_ratio=0.5)
+        with torch.no_grad():  # off the zero-initialised gates and the grid init
+            for p in self.injector.parameters():
+                p.normal_(0, 0.1)
+
+    def forward(self, query: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        geoms = [BranchGeometry(t.shape[-2], t.shape[-1], reference_points(t.shape[-2], t.shape[-1], device=t.device))
+                 for t in (query, feat)]
+        return self.injector(query.flatten(2).transpose(1, 2), feat.flatten(2).transpose(1, 2), *geoms)
 
 
 def op_inputs(batch: int, height: int, width: int, queries: int = 7, seed: int = 0):
@@ -94,8 +111,9 @@ def test_export_keeps_batch_and_level_shape_dynamic():
         torch.testing.assert_close(program.module()(*inputs), Op()(*inputs), rtol=1e-4, atol=1e-4)
 
 
-def test_export_of_a_layer_with_dynamic_grids():
-    layer = Layer().eval()
+@pytest.mark.parametrize("module", [Layer, InjectorLayer], ids=["msdeformattn", "injector"])
+def test_export_of_a_layer_with_dynamic_grids(module):
+    layer = module().eval()
     program = torch.export.export(layer, layer_inputs(2, (5, 6), (4, 7)), dynamic_shapes=LAYER_DIMS)
     assert len(program.range_constraints) == 5
     for batch, query_hw, feat_hw in LAYER_SIZES:
@@ -131,11 +149,12 @@ def _onnx_ops(path) -> set[str]:
 @needs_onnx
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
-@pytest.mark.parametrize("module", ["op", "layer"])
+@pytest.mark.parametrize("module", ["op", "layer", "injector"])
 def test_onnx_export_runs_in_onnxruntime(tmp_path, module, dynamo):
     model, names, sizes, dims = {
         "op": (Op().eval(), ["feat", "loc", "attn"], OP_SIZES, OP_DIMS),
         "layer": (Layer().eval(), ["query", "feat"], LAYER_SIZES, LAYER_DIMS),
+        "injector": (InjectorLayer().eval(), ["query", "feat"], LAYER_SIZES, LAYER_DIMS),
     }[module]
     make = op_inputs if module == "op" else layer_inputs
     path = tmp_path / f"{module}.onnx"
