@@ -8,6 +8,7 @@ when a Triton kernel first runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 
@@ -23,10 +24,24 @@ def _as_int(size) -> int | torch.SymInt:
 
 
 def _as_shape_tuples(spatial_shapes: torch.Tensor | Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    """``(H, W)`` pairs of positive integers (symbolic sizes pass as they are); anything else is refused rather than
+    truncated."""
     if isinstance(spatial_shapes, torch.Tensor):
+        if spatial_shapes.is_floating_point() or spatial_shapes.is_complex() or spatial_shapes.dtype == torch.bool:
+            raise ValueError(f"spatial_shapes must hold integers, got a {spatial_shapes.dtype} tensor")
         # Reading a tensor's values syncs with its device; pass Python ints to stay sync- and meta-safe.
         spatial_shapes = spatial_shapes.tolist()
-    return tuple((_as_int(h), _as_int(w)) for h, w in spatial_shapes)
+    shapes = []
+    for pair in spatial_shapes:
+        if len(pair) != 2:
+            raise ValueError(f"spatial_shapes rows must be (H, W) pairs, got {pair!r}")
+        for size in pair:
+            if isinstance(size, bool) or not isinstance(size, (Integral, torch.SymInt)):
+                raise ValueError(f"spatial_shapes must hold integers, got {size!r} ({type(size).__name__})")
+            if not isinstance(size, torch.SymInt) and size < 1:
+                raise ValueError(f"spatial_shapes must be positive (H, W) sizes, got {tuple(pair)}")
+        shapes.append((_as_int(pair[0]), _as_int(pair[1])))
+    return tuple(shapes)
 
 
 def _tracing_or_exporting() -> bool:
@@ -52,7 +67,9 @@ def _check(
         raise ValueError(f"value has {value.shape[1]} positions but spatial_shapes {shapes} sum to a different count")
     if sampling_locations.shape[3] != len(shapes):
         raise ValueError(f"sampling_locations has {sampling_locations.shape[3]} levels, spatial_shapes {len(shapes)}")
-    batch, _, heads, _ = value.shape
+    batch, _, heads, head_dim = value.shape
+    if heads == 0 or head_dim == 0:
+        raise ValueError(f"value needs at least one head of width >= 1, got {heads} heads of width {head_dim}")
     if (
         sampling_locations.shape[-1] != 2
         or sampling_locations.shape[0] != batch
@@ -108,7 +125,8 @@ def multi_scale_deformable_attention(
         ``(N, Lq, M * D)``.
 
     Raises:
-        ValueError: inconsistent shapes, non-floating inputs or an unknown backend.
+        ValueError: inconsistent shapes, no heads or an empty head width, ``spatial_shapes`` that are not positive
+            integers, non-floating inputs or an unknown backend.
     """
     shapes = _as_shape_tuples(spatial_shapes)
     _check(value, shapes, level_start_index, sampling_locations, attention_weights, backend)
