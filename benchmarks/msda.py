@@ -4,9 +4,10 @@ Rows per shape: the ``grid_sample`` reference (the Deformable-DETR / PIIP PyTorc
 ``torch.compile``), this package's PyTorch path (eager and ``torch.compile``) and the Triton kernels (CUDA only; rows
 read "n/a (no CUDA)" elsewhere). Columns: forward / backward / forward+backward medians (backward = difference),
 peak memory of forward and of forward+backward (bytes allocated above the inputs), effective bandwidth of the
-compulsory bytes and, on a known GPU, the % of the HBM floor reached. Shapes: the four PIIP interaction shapes and
-the Deformable-DETR encoder (survey section 6). On the CPU the paths of a shape are timed round-robin, repetition by
-repetition, and speed-ups are medians of per-repetition ratios, so they stay fair on a machine whose speed drifts.
+compulsory bytes and, on a GPU, the % of its peak memory bandwidth (from its memory clock and bus width). Shapes:
+the four PIIP interaction shapes and the Deformable-DETR encoder (survey section 6). On the CPU the paths of a shape
+are timed round-robin, repetition by repetition, and speed-ups are medians of per-repetition ratios, so they stay
+fair on a machine whose speed drifts.
 
     python benchmarks/msda.py --quick          # CPU: batch 2, a few minutes on 2 cores
     python benchmarks/msda.py --batch 2 8      # GPU default
@@ -28,40 +29,7 @@ from pathlib import Path
 import torch
 from piip_models.kernels import multi_scale_deformable_attention
 from piip_models.kernels.msda_reference import reference
-
-# name: (query grid (h, w), value levels [(H, W)], heads, head_dim, points)
-SHAPES = {
-    "piip-B": ((98, 98), [(70, 70)], 16, 12, 4),  # ViT-S queries (1568 px) read ViT-B tokens (1120 px)
-    "piip-C": ((70, 70), [(98, 98)], 16, 24, 4),  # ViT-B queries read ViT-S tokens
-    "piip-D": ((42, 42), [(70, 70)], 16, 32, 4),  # ViT-L queries (672 px) read ViT-B tokens
-    "piip-E": ((70, 70), [(42, 42)], 16, 24, 4),  # ViT-B queries read ViT-L tokens
-    "detr-enc": (None, [(100, 152), (50, 76), (25, 38), (13, 19)], 8, 32, 4),  # queries = every level's pixels
-}
-HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0, "L40S": 0.864}
-
-
-def _pixel_centres(h: int, w: int) -> torch.Tensor:
-    y, x = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
-    return torch.stack((x, y), -1).view(-1, 2)
-
-
-def make_inputs(name: str, batch: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """PIIP-like inputs: reference points on the query grid, offsets of a few pixels, softmaxed weights."""
-    grid, shapes, heads, head_dim, points = SHAPES[name]
-    gen = torch.Generator().manual_seed(seed)
-    if grid is None:
-        ref = torch.cat([_pixel_centres(h, w) for h, w in shapes])
-    else:
-        ref = _pixel_centres(*grid)
-    queries, levels = ref.shape[0], len(shapes)
-    size = torch.tensor([(w, h) for h, w in shapes], dtype=torch.float32)
-    offsets = torch.randn(batch, queries, heads, levels, points, 2, generator=gen) * 2.0 / size.view(levels, 1, 2)
-    loc = ref.view(1, queries, 1, 1, 1, 2) + offsets
-    attn = torch.randn(batch, queries, heads, levels * points, generator=gen).softmax(-1)
-    attn = attn.view(batch, queries, heads, levels, points)
-    value = torch.randn(batch, sum(h * w for h, w in shapes), heads, head_dim, generator=gen)
-    grad = torch.randn(batch, queries, heads * head_dim, generator=gen)
-    return (shapes, value.to(device, dtype), loc.to(device), attn.to(device), grad.to(device, dtype))
+from piip_models.kernels.workloads import SHAPES, compulsory_bytes, hbm_bytes_per_second, make_inputs
 
 
 @dataclass
@@ -138,20 +106,8 @@ def _peak_mib(fn: Callable[[], object], device: str) -> float:
     return peak / 2**20
 
 
-def _compulsory_bytes(value, loc, attn, grad) -> tuple[int, int]:
-    def nbytes(t):
-        return t.numel() * t.element_size()
-
-    forward = nbytes(value) + nbytes(loc) + nbytes(attn) + nbytes(grad)  # inputs + output (grad has its shape)
-    backward = 2 * nbytes(value) + 2 * nbytes(loc) + 2 * nbytes(attn) + nbytes(grad)  # + the three gradients
-    return forward, forward + backward
-
-
 def _hbm_tbps(device: str) -> float | None:
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((tbps for key, tbps in HBM_TBPS.items() if key in name), None)
+    return hbm_bytes_per_second() / 1e12 if device == "cuda" else None
 
 
 def _closures(fn: Callable, inputs) -> tuple[Callable[[], object], Callable[[], object]]:
@@ -178,7 +134,7 @@ def bench_paths(name: str, paths: list[tuple[str, Callable | None, str]], inputs
     timed = [(row, _closures(fn, inputs)) for row, (_, fn, _) in zip(rows, paths) if fn is not None]
     fwd_reps = _times_ms([forward for _, (forward, _) in timed], reps, warmup, device)
     fwd_bwd_reps = _times_ms([forward_backward for _, (_, forward_backward) in timed], reps, warmup, device)
-    fwd_bytes, total_bytes = _compulsory_bytes(*inputs[1:])
+    fwd_bytes, total_bytes = compulsory_bytes(*inputs[1:])
     for (row, (forward, forward_backward)), fwd_times, fwd_bwd_times in zip(timed, fwd_reps, fwd_bwd_reps):
         row.fwd_reps_ms, row.fwd_bwd_reps_ms = fwd_times, fwd_bwd_times
         fwd, fwd_bwd = statistics.median(fwd_times), statistics.median(fwd_bwd_times)

@@ -8,20 +8,40 @@ when a Triton kernel first runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 
-from .msda_torch import msda_torch_forward
+from .msda_export import msda_gather
 from .op import BACKENDS, ENV_BACKEND, msda_macs
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "msda_macs", "multi_scale_deformable_attention"]
 
 
+def _as_int(size) -> int | torch.SymInt:
+    # Symbolic sizes (torch.compile, torch.export) stay symbolic: int() would specialise the graph on their value.
+    return size if isinstance(size, torch.SymInt) else int(size)
+
+
 def _as_shape_tuples(spatial_shapes: torch.Tensor | Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    """``(H, W)`` pairs of positive integers (symbolic sizes pass as they are); anything else is refused rather than
+    truncated."""
     if isinstance(spatial_shapes, torch.Tensor):
+        if spatial_shapes.is_floating_point() or spatial_shapes.is_complex() or spatial_shapes.dtype == torch.bool:
+            raise ValueError(f"spatial_shapes must hold integers, got a {spatial_shapes.dtype} tensor")
         # Reading a tensor's values syncs with its device; pass Python ints to stay sync- and meta-safe.
         spatial_shapes = spatial_shapes.tolist()
-    return tuple((int(h), int(w)) for h, w in spatial_shapes)
+    shapes = []
+    for pair in spatial_shapes:
+        if len(pair) != 2:
+            raise ValueError(f"spatial_shapes rows must be (H, W) pairs, got {pair!r}")
+        for size in pair:
+            if isinstance(size, bool) or not isinstance(size, (Integral, torch.SymInt)):
+                raise ValueError(f"spatial_shapes must hold integers, got {size!r} ({type(size).__name__})")
+            if not isinstance(size, torch.SymInt) and size < 1:
+                raise ValueError(f"spatial_shapes must be positive (H, W) sizes, got {tuple(pair)}")
+        shapes.append((_as_int(pair[0]), _as_int(pair[1])))
+    return tuple(shapes)
 
 
 def _tracing_or_exporting() -> bool:
@@ -47,7 +67,9 @@ def _check(
         raise ValueError(f"value has {value.shape[1]} positions but spatial_shapes {shapes} sum to a different count")
     if sampling_locations.shape[3] != len(shapes):
         raise ValueError(f"sampling_locations has {sampling_locations.shape[3]} levels, spatial_shapes {len(shapes)}")
-    batch, _, heads, _ = value.shape
+    batch, _, heads, head_dim = value.shape
+    if heads == 0 or head_dim == 0:
+        raise ValueError(f"value needs at least one head of width >= 1, got {heads} heads of width {head_dim}")
     if (
         sampling_locations.shape[-1] != 2
         or sampling_locations.shape[0] != batch
@@ -65,7 +87,7 @@ def _check(
             raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if level_start_index is not None and not isinstance(level_start_index, torch.Tensor):
         starts = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
-        if [int(s) for s in level_start_index] != starts:
+        if [_as_int(s) for s in level_start_index] != starts:
             raise ValueError(f"level_start_index {list(level_start_index)} does not match spatial_shapes ({starts})")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -89,24 +111,26 @@ def multi_scale_deformable_attention(
     Args:
         value: ``(N, S, M, D)`` with ``S = sum_l H_l * W_l``.
         spatial_shapes: ``(L, 2)`` rows ``(H_l, W_l)``; a sequence of int pairs (preferred: no device sync, works on
-            meta and under ``torch.compile``) or a tensor.
+            meta and under ``torch.compile``, where symbolic sizes stay symbolic) or a tensor.
         level_start_index: ``(L,)`` offsets of each level in ``S``, or None. Offsets are always derived from
             ``spatial_shapes``; a Python sequence is checked against them, a tensor is not read (no device sync).
         sampling_locations: ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)``, nominally in ``[0, 1]``.
         attention_weights: ``(N, Lq, M, L, P)``.
         backend: ``"auto"`` (Triton for CUDA tensors when Triton imports, PyTorch otherwise), ``"torch"`` or
             ``"triton"``; None reads ``PIIP_MSDA_BACKEND`` when the op runs (default ``"auto"``). Tracing and export
-            always use the PyTorch path, as plain ATen ops.
+            (``torch.jit.trace``, ``torch.export``, both ONNX exporters) always use the gather formulation
+            (:mod:`.msda_export`): plain ATen ops that ONNX has, valid for every batch size and level shape.
 
     Returns:
         ``(N, Lq, M * D)``.
 
     Raises:
-        ValueError: inconsistent shapes, non-floating inputs or an unknown backend.
+        ValueError: inconsistent shapes, no heads or an empty head width, ``spatial_shapes`` that are not positive
+            integers, non-floating inputs or an unknown backend.
     """
     shapes = _as_shape_tuples(spatial_shapes)
     _check(value, shapes, level_start_index, sampling_locations, attention_weights, backend)
     if _tracing_or_exporting():
-        return msda_torch_forward(value, shapes, sampling_locations, attention_weights, chunked=False)
+        return msda_gather(value, shapes, sampling_locations, attention_weights)
     flat_shapes = [size for shape in shapes for size in shape]
     return torch.ops.piip_models.msda(value, flat_shapes, sampling_locations, attention_weights, backend or "")

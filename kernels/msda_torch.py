@@ -1,4 +1,4 @@
-"""Pure-PyTorch multi-scale deformable attention: the portable path (CPU, meta, export, no Triton).
+"""Pure-PyTorch multi-scale deformable attention: the portable path (CPU, meta, no Triton).
 
 Sampling follows Deformable-DETR and ``grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)``: a
 location ``(x, y)`` in ``[0, 1]`` maps to pixel ``(x * W - 0.5, y * H - 0.5)``, values are read bilinearly, corners
@@ -75,7 +75,7 @@ class _Maps:
     """
 
     def __init__(self, value: torch.Tensor, shapes: Sequence[tuple[int, int]], dtype: torch.dtype,
-                 queries: int, samples: int, backward: bool, chunked: bool = True) -> None:
+                 queries: int, samples: int, backward: bool) -> None:
         batch, _, heads, head_dim = value.shape
         device = value.device
         self.value, self.heads = value, heads
@@ -86,7 +86,7 @@ class _Maps:
         # The backward's value gradient: per-cell sums where samples share cells, else sorted corners.
         self.shared_cells = queries * samples >= _SHARED_CELLS * self.positions
         self.chunks = self._plan(batch, queries * samples, head_dim * torch.finfo(dtype).bits // 8,
-                                 batch * queries * heads * head_dim * value.element_size(), backward, chunked)
+                                 batch * queries * heads * head_dim * value.element_size(), backward)
         self.rows = max(self.blocks(*chunk) for chunk in self.chunks) * self.positions
         self.index_dtype = torch.int32 if self.rows < 2**31 else torch.int64
         # Index arithmetic runs in floating point, faster than integer ops here.
@@ -101,22 +101,19 @@ class _Maps:
         self.lower = torch.tensor(-float(_PAD), dtype=dtype, device=device)
         self._origins: dict[tuple[int, int, int], torch.Tensor] = {}
 
-    def _plan(self, batch: int, per_map: int, row_bytes: int, out_bytes: int, backward: bool,
-              chunked: bool) -> list[tuple[int, int, int, int]]:
+    def _plan(self, batch: int, per_map: int, row_bytes: int, out_bytes: int,
+              backward: bool) -> list[tuple[int, int, int, int]]:
         """``(n0, n1, m0, m1)``: images ``n0:n1`` and heads ``m0:m1`` of each chunk, either some heads of one image
         or whole images. Chunks stay below ``_EXACT_ROWS`` table rows when the maps allow it, and in the backward
         below ``_SHORT_KEYS`` rows (16-bit sort keys)."""
         heads = self.heads
-        if chunked:
-            budget = min(max(out_bytes, _MIN_CHUNK_BYTES), _MAX_CHUNK_BYTES) * (1 if backward else 4)
-            # Table-sized buffers: the table; in the backward also the gradient, or the four per-cell sums.
-            tables = (5 if self.shared_cells else 3) if backward else 1
-            map_bytes = per_map * _SAMPLE_BYTES[backward] + tables * self.positions * row_bytes
-            maps = max(1, min(_CHUNK_SAMPLES // per_map, budget // map_bytes))
-        else:
-            maps = batch * heads
+        budget = min(max(out_bytes, _MIN_CHUNK_BYTES), _MAX_CHUNK_BYTES) * (1 if backward else 4)
+        # Table-sized buffers: the table; in the backward also the gradient, or the four per-cell sums.
+        tables = (5 if self.shared_cells else 3) if backward else 1
+        map_bytes = per_map * _SAMPLE_BYTES[backward] + tables * self.positions * row_bytes
+        maps = max(1, min(_CHUNK_SAMPLES // per_map, budget // map_bytes))
         maps = max(1, min(maps, (_EXACT_ROWS - 1) // self.positions))
-        if backward and chunked and self.positions <= _SHORT_KEYS:
+        if backward and self.positions <= _SHORT_KEYS:
             maps = min(maps, _SHORT_KEYS // self.positions)
         if maps >= heads:
             images = maps // heads
@@ -187,10 +184,13 @@ class _Maps:
         """
         heads = loc.shape[2]
         device = loc.device
-        xy = loc.movedim(-1, 0)
-        # out= and in-place ops skip allocations but are not differentiable; autograd only runs here on export paths.
+        # Half locations are upcast first: multiplying them by the map size in their own dtype would round the pixel
+        # coordinates (to 0.4 px at W ~ 100 in bfloat16).
+        xy = loc.movedim(-1, 0).to(dtype)
+        # out= and in-place ops skip allocations but are not differentiable; autograd only runs here when
+        # msda_torch_forward is differentiated directly (the op has its own backward).
         if torch.is_grad_enabled() and loc.requires_grad:
-            pixel = torch.nan_to_num(xy.to(dtype) * self.scale - 0.5, nan=-float(_PAD))
+            pixel = torch.nan_to_num(xy * self.scale - 0.5, nan=-float(_PAD))
             pixel = torch.clamp(pixel, self.lower, self.scale)
             base = pixel.floor()
             frac = pixel - base
@@ -269,20 +269,17 @@ def msda_torch_forward(
     spatial_shapes: Sequence[tuple[int, int]],
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
-    *,
-    chunked: bool = True,
 ) -> torch.Tensor:
     """Multi-scale deformable attention with one ``embedding_bag`` per chunk of maps.
 
-    Differentiable by autograd (used as is for tracing and export); the custom op pairs it with
-    :func:`msda_torch_backward`, which is much faster than autograd through ``embedding_bag``.
+    Differentiable by autograd; the custom op pairs it with :func:`msda_torch_backward`, which is much faster than
+    autograd through ``embedding_bag``.
 
     Args:
         value: ``(N, S, M, D)``.
         spatial_shapes: ``(H_l, W_l)`` per level as Python ints, ``sum H_l * W_l == S``.
         sampling_locations: ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)``.
         attention_weights: ``(N, Lq, M, L, P)``.
-        chunked: bound temporaries by processing chunks of maps; ``False`` keeps exported graphs small.
 
     Returns:
         ``(N, Lq, M * D)`` in ``value.dtype`` (accumulated in float32, or float64 for float64 values).
@@ -293,7 +290,7 @@ def msda_torch_forward(
     if samples == 0 or batch * queries == 0:
         return value.new_zeros(batch, queries, heads * head_dim)
     dtype = compute_dtype(value.dtype)
-    maps = _Maps(value, spatial_shapes, dtype, queries, samples, backward=False, chunked=chunked)
+    maps = _Maps(value, spatial_shapes, dtype, queries, samples, backward=False)
     out = torch.empty((batch, queries, heads, head_dim), dtype=dtype, device=value.device)
     for n0, n1, m0, m1 in maps.chunks:
         cell, frac = maps.cells(sampling_locations[n0:n1, :, m0:m1], dtype)

@@ -75,10 +75,12 @@ def _pairs(spatial_shapes: Sequence[int]) -> tuple[tuple[int, int], ...]:
     return tuple((int(spatial_shapes[i]), int(spatial_shapes[i + 1])) for i in range(0, len(spatial_shapes), 2))
 
 
+# spatial_shapes are SymInt[]: under torch.compile(dynamic=True) the level shapes stay symbolic, so a new input size
+# reuses the compiled graph instead of specialising it on the shapes.
 @torch.library.custom_op(
     "piip_models::msda",
     mutates_args=(),
-    schema="(Tensor value, int[] spatial_shapes, Tensor sampling_locations, Tensor attention_weights, str backend)"
+    schema="(Tensor value, SymInt[] spatial_shapes, Tensor sampling_locations, Tensor attention_weights, str backend)"
     " -> Tensor",
 )
 def msda(
@@ -106,7 +108,7 @@ def _msda_fake(value, spatial_shapes, sampling_locations, attention_weights, bac
 @torch.library.custom_op(
     "piip_models::msda_backward",
     mutates_args=(),
-    schema="(Tensor grad_output, Tensor value, int[] spatial_shapes, Tensor sampling_locations, "
+    schema="(Tensor grad_output, Tensor value, SymInt[] spatial_shapes, Tensor sampling_locations, "
     "Tensor attention_weights, str backend) -> (Tensor, Tensor, Tensor)",
 )
 def msda_backward(

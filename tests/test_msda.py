@@ -534,3 +534,90 @@ def test_bad_arguments(change, match):
     with pytest.raises(ValueError, match="backend"):
         msda(*make_inputs(2, 3, 2, 3, shapes, 2)[:1], shapes, None, *make_inputs(2, 3, 2, 3, shapes, 2)[1:],
              backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton specifics: native half inputs, launch configs, autotuning candidates, index bounds.
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_locations_and_weights_read_as_they_are(backend, dtype):
+    """Value, locations and weights all in half precision: read as they are (compared with float64 on the same
+    rounded inputs), coordinates and sums in float32, every result in its input's dtype within two roundings."""
+    shapes = [(5, 6), (3, 2)]
+    value, loc, attn = make_inputs(2, 7, 2, 12, shapes, 4, dtype=torch.float32)
+    # Off the grid lines (where the location gradient jumps) by more than the rounding of a half location.
+    value, loc, attn = value.to(dtype), away_from_grid_lines(loc, shapes, margin=0.05).to(dtype), attn.to(dtype)
+    grad_output = torch.randn(2, 7, 24, device=DEVICE).to(dtype)
+    actual = grads(run(backend, shapes), value, loc, attn, grad_output)
+    expected = grads(lambda v, lo, a: reference(v, shapes, lo, a), value.double(), loc.double(), attn.double(),
+                     grad_output.double())
+    ulp = 2.0 ** -(10 if dtype == torch.float16 else 7)
+    for name, a, e in zip(("output", "grad_value", "grad_loc", "grad_attn"), actual, expected):
+        assert a.dtype == dtype, name
+        assert_close_scaled(a, e, 2 * ulp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.skipif(not _TRITON_RUNNABLE, reason=f"Triton unavailable: {_TRITON_ERROR}")
+def test_triton_forward_does_not_depend_on_the_launch_config(dtype):
+    """Every output sums its samples in one order whatever the rows per program: autotuning cannot change results."""
+    from piip_models.kernels import msda_triton
+
+    shapes = [(4, 6), (2, 3)]
+    value, loc, attn = make_inputs(2, 9, 3, 12, shapes, 4, dtype=torch.float32)
+    value, attn = value.to(dtype), attn.to(dtype)
+    outs = []
+    for config in [msda_triton.LaunchConfig(1, 1), msda_triton.LaunchConfig(4, 2),
+                   *msda_triton.candidate_configs("forward", 12, dtype)]:
+        out = value.new_empty(2, 9, 36)
+        msda_triton._launch(msda_triton.forward_args(value, shapes, loc, attn, out, config), value.device)
+        outs.append(out)
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+    torch.testing.assert_close(outs[0], msda(value, shapes, None, loc, attn, backend="triton"), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(_TRITON_ERROR is not None, reason=f"Triton unavailable: {_TRITON_ERROR}")
+def test_launch_heuristic_and_autotuning_candidates():
+    from piip_models.kernels import msda_triton
+
+    for kernel in ("forward", "backward"):
+        for head_dim in (3, 12, 24, 32, 100):
+            for dtype in (torch.float32, torch.bfloat16):
+                candidates = msda_triton.candidate_configs(kernel, head_dim, dtype)
+                assert candidates[0] == msda_triton.launch_config(kernel, head_dim, dtype)
+                assert len(candidates) == len(set(candidates)) >= 1
+                assert all(1 <= c.block_rows <= 128 and c.block_rows & (c.block_rows - 1) == 0 for c in candidates)
+            # float64 (tests, gradcheck) always runs the heuristic's config
+            assert msda_triton.candidate_configs(kernel, head_dim, torch.float64) == [
+                msda_triton.launch_config(kernel, head_dim, torch.float64)]
+    # The autotuner keeps exactly the candidates of the launch's head dim and dtype.
+    prune = msda_triton._prune("backward")
+    configs = msda_triton._autotuned("backward").configs
+    value = torch.empty(1, 1, 1, 24, dtype=torch.bfloat16)
+    kept = {(c.kwargs["BLOCK_R"], c.num_warps) for c in prune(configs, {"value_ptr": value}, HEAD_DIM=24)}
+    assert kept == {(c.block_rows, c.num_warps) for c in msda_triton.candidate_configs("backward", 24, torch.bfloat16)}
+
+
+@pytest.mark.skipif(_TRITON_ERROR is not None, reason=f"Triton unavailable: {_TRITON_ERROR}")
+def test_triton_rejects_images_beyond_int32_offsets():
+    from piip_models.kernels import msda_triton
+
+    shapes = [(2**16, 2**10)]
+    value = torch.empty(1, 2**26, 16, 32, device="meta")  # 2^35 elements per image
+    loc = torch.empty(1, 3, 16, 1, 4, 2, device="meta")
+    attn = torch.empty(1, 3, 16, 1, 4, device="meta")
+    with pytest.raises(ValueError, match="int32.*backend='torch'"):
+        msda_triton.msda_triton_forward(value, shapes, loc, attn)
+
+
+@pytest.mark.skipif(_TRITON_ERROR is not None, reason=f"Triton unavailable: {_TRITON_ERROR}")
+def test_shape_table_is_built_once_per_shapes_and_device():
+    """On CUDA, building the table is a host-to-device copy that waits for the host: calls reuse it."""
+    from piip_models.kernels import msda_triton
+
+    table = msda_triton._shape_table([(3, 4), (2, 5)], torch.device("cpu"))
+    assert table.dtype == torch.int32 and table.tolist() == [[3, 4, 0], [2, 5, 12]]
+    assert msda_triton._shape_table([(3, 4), (2, 5)], torch.device("cpu")) is table
+    assert msda_triton._shape_table([(3, 4)], torch.device("cpu")) is not table

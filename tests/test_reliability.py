@@ -520,13 +520,16 @@ def _msda_inputs(heads: int = 2, dim: int = 8, shapes=((2, 2),)):
             torch.rand(1, queries, heads, levels, points))
 
 
-@pytest.mark.xfail(strict=True, reason="MSDA op validation lands with the kernel rewrite")
 @pytest.mark.parametrize("inputs, problem", [
     (_msda_inputs(heads=0), "head"),
     (_msda_inputs(dim=0), "head"),
     (_msda_inputs(shapes=torch.tensor([[-2, -2]])), "spatial_shapes"),
     (_msda_inputs(shapes=torch.tensor([[2.0, 2.0]])), "spatial_shapes"),
-], ids=["0 heads", "head dim 0", "negative spatial_shapes", "float spatial_shapes"])
+    (_msda_inputs(shapes=((2.0, 2.0),)), "spatial_shapes"),
+    (_msda_inputs(shapes=((0, 4),)), "spatial_shapes"),
+    (_msda_inputs(shapes=((2, 2, 1),)), "spatial_shapes"),
+], ids=["0 heads", "head dim 0", "negative spatial_shapes", "float spatial_shapes", "float pairs", "zero height",
+        "not a pair"])
 def test_8_msda_refuses_what_it_cannot_sample(inputs, problem):
     with pytest.raises(ValueError, match=problem):
         multi_scale_deformable_attention(*inputs)

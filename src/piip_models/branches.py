@@ -169,12 +169,13 @@ class ViTAdapter(BranchAdapter):
         for block, rate in zip(model.blocks, rates):
             block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
             block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+        # No image size: timm skips its divisibility assert, whose message formats the size and so would pin it
+        # under torch.compile(dynamic=True) (a recompile per input size). embed() needs no divisible sizes.
+        model.patch_embed.img_size = None
         return model, ViTAdapter(model, cfg, window_padding)
 
     def embed(self, model: VisionTransformer, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Grid]:
-        patch_h, patch_w = self.min_input
-        # A stride-p patch conv ignores the last H % p rows and W % p columns; crop them so any size is accepted.
-        image = image[..., : image.shape[-2] // patch_h * patch_h, : image.shape[-1] // patch_w * patch_w]
+        # A stride-p patch conv ignores the last H % p rows and W % p columns: any size is accepted.
         x = model.patch_embed(image)
         batch, height, width, channels = x.shape
         x = x.reshape(batch, height * width, channels)

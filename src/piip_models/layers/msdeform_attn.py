@@ -20,8 +20,9 @@ def reference_points(height: int, width: int, device: torch.device | None = None
     Returns:
         ``(1, height * width, 1, 2)`` float32 ``(x, y)`` in ``(0, 1)``, row-major.
     """
-    ys = torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device) / height
-    xs = torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device) / width
+    # arange, not linspace: the same values, and symbolic sizes (torch.compile, torch.export) stay symbolic.
+    ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
     ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1)[None, :, None]
 
