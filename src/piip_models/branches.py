@@ -23,8 +23,9 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, resample_abs_pos_embed
+from timm.layers import DropPath
 from timm.models import split_model_name_tag
 from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
@@ -43,6 +44,18 @@ Grid = tuple[int, int]
 
 def _run(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
     return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False) if checkpointing else fn(x)
+
+
+def _resample_grid_embed(embed: torch.Tensor, grid: Grid, size: Grid) -> torch.Tensor:
+    """A ``(1, h * w, C)`` position embedding of the ``grid`` resampled bicubically to ``size`` (no antialiasing, as
+    the reference implementation does).
+
+    It always interpolates (bit for bit the identity at the stored size): timm's resampling returns early there, a
+    size comparison that gave ``torch.compile(dynamic=True)`` a graph for the stored grid and one for the others.
+    """
+    x = embed.reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(1, -1, embed.shape[-1]).to(embed.dtype)
 
 
 class _ExpandBatch(torch.autograd.Function):
@@ -180,13 +193,8 @@ class ViTAdapter(BranchAdapter):
         batch, height, width, channels = x.shape
         x = x.reshape(batch, height * width, channels)
         if model.pos_embed is not None:  # BEiT branches encode positions with a relative bias only
-            x = x + resample_abs_pos_embed(
-                model.pos_embed[:, self.pos_skip:],
-                new_size=(height, width),
-                old_size=model.patch_embed.grid_size,
-                num_prefix_tokens=0,
-                antialias=False,
-            )
+            pos_embed = model.pos_embed[:, self.pos_skip:]
+            x = x + _resample_grid_embed(pos_embed, model.patch_embed.grid_size, (height, width))
         x = model.pos_drop(x)
         prefix = [_ExpandBatch.apply(t, batch) for t in (model.cls_token, model.reg_token) if t is not None]
         prefix_tokens = None
@@ -218,7 +226,9 @@ class ViTAdapter(BranchAdapter):
         x = _run(run_blocks, tokens if prefix is None else torch.cat([prefix, tokens], dim=1), checkpointing)
         if prefix is None:
             return x, None, grid
-        return x[:, prefix.shape[1]:], x[:, :prefix.shape[1]], grid
+        # contiguous patch tokens: whether later matmuls can fold a strided slice depends on the batch being 1, a
+        # branch that torch.export and torch.compile(dynamic=True) would pin the batch on
+        return x[:, prefix.shape[1]:].contiguous(), x[:, :prefix.shape[1]], grid
 
     def final_norm(self, model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
         return model.norm(tokens)
