@@ -36,9 +36,11 @@ def _as_shape_tuples(spatial_shapes: torch.Tensor | Sequence[Sequence[int]]) -> 
         if len(pair) != 2:
             raise ValueError(f"spatial_shapes rows must be (H, W) pairs, got {pair!r}")
         for size in pair:
-            if isinstance(size, bool) or not isinstance(size, (Integral, torch.SymInt)):
+            # (the legacy ONNX tracer hands sizes over as 0-d integer tensors)
+            integer_tensor = isinstance(size, torch.Tensor) and size.dim() == 0 and not size.is_floating_point()
+            if isinstance(size, bool) or not (isinstance(size, (Integral, torch.SymInt)) or integer_tensor):
                 raise ValueError(f"spatial_shapes must hold integers, got {size!r} ({type(size).__name__})")
-            if not isinstance(size, torch.SymInt) and size < 1:
+            if not isinstance(size, torch.SymInt) and int(size) < 1:
                 raise ValueError(f"spatial_shapes must be positive (H, W) sizes, got {tuple(pair)}")
         shapes.append((_as_int(pair[0]), _as_int(pair[1])))
     return tuple(shapes)
