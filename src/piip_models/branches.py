@@ -58,27 +58,6 @@ def _resample_grid_embed(embed: torch.Tensor, grid: Grid, size: Grid) -> torch.T
     return x.permute(0, 2, 3, 1).reshape(1, -1, embed.shape[-1]).to(embed.dtype)
 
 
-class _ExpandBatch(torch.autograd.Function):
-    """``token.expand(batch, -1, -1)`` whose gradient is always summed over the batch into a tensor of its own.
-
-    An expand's gradient at batch 1 is the token's slice of the sequence gradient itself, strided like the whole
-    sequence; autograd keeps it (only size-1 dimensions differ from the parameter's layout), and DDP, which compares
-    every stride, then warned "Grad strides do not match bucket view strides".
-    """
-
-    @staticmethod
-    def forward(token: torch.Tensor, batch: int) -> torch.Tensor:
-        return token.expand(batch, -1, -1)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad.sum(0, keepdim=True), None
-
-
 class BranchAdapter(ABC):
     """What PIIP needs to know about a branch, independent of its architecture.
 
@@ -196,7 +175,10 @@ class ViTAdapter(BranchAdapter):
             pos_embed = model.pos_embed[:, self.pos_skip:]
             x = x + _resample_grid_embed(pos_embed, model.patch_embed.grid_size, (height, width))
         x = model.pos_drop(x)
-        prefix = [_ExpandBatch.apply(t, batch) for t in (model.cls_token, model.reg_token) if t is not None]
+        # repeated, not expanded: an expand's gradient at batch 1 is the token's slice of the sequence gradient,
+        # strided like the whole sequence, which DDP reported ("Grad strides do not match bucket view strides");
+        # repeat_interleave's gradient is a sum of its own
+        prefix = [t.repeat_interleave(batch, dim=0) for t in (model.cls_token, model.reg_token) if t is not None]
         prefix_tokens = None
         if prefix:
             prefix_tokens = torch.cat(prefix, dim=1)
