@@ -21,6 +21,7 @@ import timm
 import torch
 import torch.utils.checkpoint
 import yaml
+from safetensors.torch import save_file
 from timm.layers import DropPath
 from timm.models.convnext import ConvNeXt
 from timm.utils import CheckpointSaver
@@ -260,6 +261,20 @@ def test_convert_refuses_a_folder_that_would_not_load(finetuned, tmp_path, monke
     with pytest.raises(CheckpointMismatchError, match=r"refused to write .*hub.*branches\.0\.head\.bias"):
         convert_checkpoint(finetuned[0], tmp_path / "hub")
     assert not (tmp_path / "hub").exists()
+
+
+def test_pretrained_with_another_class_count_loads_all_but_the_heads(finetuned, tmp_path, one_thread):
+    """``train.py --pretrained --num-classes 10`` from a two-class checkpoint: timm's loader drops every branch head
+    (the pretrained cfg names them all) and loads the rest."""
+    _, source = finetuned
+    path = tmp_path / "two_classes.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, path)
+    overlay = dict(file=str(path), num_classes=2)
+    model = timm.create_model("piip_tsb", pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay)
+    state, loaded = source.state_dict(), model.state_dict()
+    heads = {k for k in state if k.startswith("branches.") and ".head." in k}
+    assert len(heads) == 6 and all(loaded[k].shape[0] == 10 for k in heads)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k not in heads)
 
 
 def test_features_only_models_take_set_grad_checkpointing(monkeypatch, one_thread):

@@ -50,7 +50,7 @@ def dense_features() -> nn.Module:
     torch.manual_seed(0)
     branches = tiny_dense_model().branch_cfgs
     model = PIIP(branches=branches, head_type="dense", class_token=False, num_classes=0, with_fpn=True)
-    return PIIPFeatures(_open_gates(model), out_indices=(0, 1, 2, 3))
+    return PIIPFeatures(_open_gates(model), out_indices=(0, 1, 2, 3)).eval()
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"classifier": classifier, "dense_features": dense_features}
@@ -88,16 +88,13 @@ def test_export_dynamic_batch_and_size_matches_eager(exported):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_onnx_graph_runs_in_onnxruntime_with_dynamic_axes(exported, tmp_path):
+def _check_onnx(path, model: nn.Module, shapes: list[tuple[int, ...]], dynamic: list[bool]) -> None:
+    """Runs the ONNX file in onnxruntime on every shape, against eager; ``dynamic``: which input axes are named."""
     ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    name, model, program = exported
-    onnx_program = torch.onnx.export(program, dynamo=True, optimize=False)
-    onnx_program.save(tmp_path / "model.onnx")
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (graph_input,) = session.get_inputs()
-    assert [isinstance(d, str) for d in graph_input.shape] == [True, False, True, True]  # batch, 3, h, w
-    for shape in SIZES[name][2]:
+    assert [isinstance(d, str) for d in graph_input.shape] == dynamic
+    for shape in shapes:
         x = torch.randn(shape)
         with torch.no_grad():
             expected = _as_list(model(x))
@@ -105,6 +102,27 @@ def test_onnx_graph_runs_in_onnxruntime_with_dynamic_axes(exported, tmp_path):
         assert len(outputs) == len(expected)
         for got, want in zip(outputs, expected):
             torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_graph_runs_in_onnxruntime_with_dynamic_axes(exported, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    name, model, program = exported
+    torch.onnx.export(program, dynamo=True, optimize=False).save(tmp_path / "model.onnx")
+    _check_onnx(tmp_path / "model.onnx", model, SIZES[name][2], [True, False, True, True])  # batch, 3, h, w
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_legacy_onnx_exporter_keeps_the_batch_dynamic(name, tmp_path):
+    """The TorchScript-based exporter traces: the image size is the example's, the batch stays dynamic."""
+    pytest.importorskip("onnxruntime")
+    model = MODELS[name]()
+    example = SIZES[name][2][0]
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (torch.randn(example),), path, dynamo=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}})
+    assert not model.training  # the exporter restores the mode it found
+    _check_onnx(path, model, [(batch, *example[1:]) for batch in (1, 3)], [True, False, False, False])
 
 
 def _count_graphs(model: nn.Module, shapes: list[tuple[int, ...]], unbacked_batch: bool = False) -> int:
