@@ -77,8 +77,7 @@ def run_worker(args: argparse.Namespace) -> Measurement:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, features_only=True, device=device).train()
-    # features_only wraps the PIIP model in a timm FeatureGetterNet, which does not forward this call.
-    model.model.set_grad_checkpointing(args.grad_checkpointing)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     side = warmup_side(model.model)
     train_step(model, torch.randn(1, args.input[1], side, side, device=device))
     model.zero_grad(set_to_none=False)  # keep the .grad buffers: the measured step accumulates into them

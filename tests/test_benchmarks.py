@@ -1,4 +1,5 @@
-"""``benchmarks/msda.py`` end to end on the CPU: every path gets a row, timed side by side, with its ratios."""
+"""Benchmarks end to end on the CPU: ``benchmarks/msda.py`` (every path gets a row, timed side by side, with its
+ratios) and ``benchmarks/export.py`` (registered models through torch.export, ONNX and onnxruntime; slow)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "msda.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_benchmark(monkeypatch) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("msda_benchmark", BENCHMARK)
+def load_benchmark(monkeypatch, name: str = "msda") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -47,3 +49,18 @@ def test_msda_benchmark_rows_and_ratios(tmp_path, monkeypatch, one_thread, capsy
     assert ours["extra"]["fwd_bwd_speedup"] == statistics.median(paired)
     table = capsys.readouterr().out
     assert "vs ref: f+b time / f+b mem" in table and f"{ours['extra']['fwd_bwd_peak_ratio']:.1f}x less" in table
+
+
+@pytest.mark.slow
+def test_export_benchmark_matches_eager_at_full_size(monkeypatch, capsys):
+    """piip_tsb and the features_only piip_tsb_1120_896_448 at real sizes: onnxruntime within 1e-4 of eager on
+    batches and shapes other than the export example (a few minutes on a 2-core CPU)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    rows = load_benchmark(monkeypatch, "export").main([])
+    assert {row.model for row in rows} == {"piip_tsb", "piip_tsb_1120_896_448:features"}
+    assert {row.input[0] for row in rows} == {1, 2, 3}  # the example has batch 2, the checks other batches too
+    for row in rows:
+        assert row.max_abs_diff <= 1e-4, row
+        assert row.max_abs_value > 0.1  # the outputs are not trivially zero
+    assert "| piip_tsb | " in capsys.readouterr().out

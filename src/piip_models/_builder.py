@@ -26,6 +26,7 @@ from .config import (
     even_segments,
     stage_count,
 )
+from .features import PIIPFeatures
 from .hub import fetch_pretrained, official_checkpoint, prepare_pretrained_cfg
 from .piip import PIIP
 from .weights import checkpoint_filter_fn
@@ -69,9 +70,9 @@ def build_piip(variant: str, pretrained: bool = False, model_cls: type[PIIP] = P
 
     With ``pretrained=True`` a tag with a released checkpoint is fetched, verified and loaded through
     :meth:`PIIP.load_pretrained`; a tag without one (``branches``) loads every branch's timm weights instead, with the
-    interactions at their zero init. ``features_only=True`` gives timm's getter over the feature taps; dense models
-    then build their feature pyramid. Requested ``out_indices`` and the weights' files (offline: the cache) are
-    checked before the model is built.
+    interactions at their zero init. ``features_only=True`` gives :class:`~piip_models.features.PIIPFeatures`, timm's
+    getter over the feature taps; dense models then build their feature pyramid. Requested ``out_indices`` and the
+    weights' files (offline: the cache) are checked before the model is built.
 
     Args:
         variant: Registered architecture name.
@@ -104,12 +105,12 @@ def build_piip(variant: str, pretrained: bool = False, model_cls: type[PIIP] = P
         pretrained and not load_branches,
         pretrained_cfg=pretrained_cfg,
         pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get("pretrained_strict", True)),
-        feature_cfg=dict(feature_cls="getter", out_indices=_default_out_indices(kwargs)),
+        feature_cfg=dict(feature_cls=PIIPFeatures, out_indices=_default_out_indices(kwargs)),
         cache_dir=cache_dir,
         **kwargs,
     )
     if load_branches:
-        # features_only wraps the pyramid (timm's FeatureGetterNet keeps it as .model)
+        # features_only wraps the pyramid (PIIPFeatures keeps it as .model)
         (model.model if kwargs.get("features_only") else model).load_branch_weights(cache_dir=cache_dir)
     return model
 

@@ -23,13 +23,15 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, resample_abs_pos_embed
+from timm.layers import DropPath
 from timm.models import split_model_name_tag
 from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 
 from .config import BranchCfg
+from .layers.permute import depthwise_kernels_channels_last
 from .layers.window_attention import WindowPadding, block_forward
 from .weights import branch_checkpoint_filter_fn, convnext_branch_checkpoint_filter_fn
 
@@ -42,6 +44,18 @@ Grid = tuple[int, int]
 
 def _run(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
     return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False) if checkpointing else fn(x)
+
+
+def _resample_grid_embed(embed: torch.Tensor, grid: Grid, size: Grid) -> torch.Tensor:
+    """A ``(1, h * w, C)`` position embedding of the ``grid`` resampled bicubically to ``size`` (no antialiasing, as
+    the reference implementation does).
+
+    It always interpolates (bit for bit the identity at the stored size): timm's resampling returns early there, a
+    size comparison that gave ``torch.compile(dynamic=True)`` a graph for the stored grid and one for the others.
+    """
+    x = embed.reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(1, -1, embed.shape[-1]).to(embed.dtype)
 
 
 class BranchAdapter(ABC):
@@ -158,15 +172,13 @@ class ViTAdapter(BranchAdapter):
         batch, height, width, channels = x.shape
         x = x.reshape(batch, height * width, channels)
         if model.pos_embed is not None:  # BEiT branches encode positions with a relative bias only
-            x = x + resample_abs_pos_embed(
-                model.pos_embed[:, self.pos_skip:],
-                new_size=(height, width),
-                old_size=model.patch_embed.grid_size,
-                num_prefix_tokens=0,
-                antialias=False,
-            )
+            pos_embed = model.pos_embed[:, self.pos_skip:]
+            x = x + _resample_grid_embed(pos_embed, model.patch_embed.grid_size, (height, width))
         x = model.pos_drop(x)
-        prefix = [t.expand(batch, -1, -1) for t in (model.cls_token, model.reg_token) if t is not None]
+        # repeated, not expanded: an expand's gradient at batch 1 is the token's slice of the sequence gradient,
+        # strided like the whole sequence, which DDP reported ("Grad strides do not match bucket view strides");
+        # repeat_interleave's gradient is a sum of its own
+        prefix = [t.repeat_interleave(batch, dim=0) for t in (model.cls_token, model.reg_token) if t is not None]
         prefix_tokens = None
         if prefix:
             prefix_tokens = torch.cat(prefix, dim=1)
@@ -196,7 +208,9 @@ class ViTAdapter(BranchAdapter):
         x = _run(run_blocks, tokens if prefix is None else torch.cat([prefix, tokens], dim=1), checkpointing)
         if prefix is None:
             return x, None, grid
-        return x[:, prefix.shape[1]:], x[:, :prefix.shape[1]], grid
+        # contiguous patch tokens: whether later matmuls can fold a strided slice depends on the batch being 1, a
+        # branch that torch.export and torch.compile(dynamic=True) would pin the batch on
+        return x[:, prefix.shape[1]:].contiguous(), x[:, :prefix.shape[1]], grid
 
     def final_norm(self, model: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
         return model.norm(tokens)
@@ -273,6 +287,7 @@ class ConvNeXtAdapter(BranchAdapter):
         # The pooled head (final norm, MLP) is never used by a pyramid branch; dropping it keeps every parameter in
         # the graph (DDP without find_unused_parameters).
         model.head = nn.Identity()
+        depthwise_kernels_channels_last(model)  # its units run on the tokens' channels-last layout
         return model, ConvNeXtAdapter(model)
 
     def embed(self, model: ConvNeXt, image: torch.Tensor) -> tuple[torch.Tensor, None, Grid]:

@@ -5,6 +5,7 @@
     piip-models flops [--models ...]     parameters and FLOPs (no timing)
     piip-models bench [--models ...]     FLOPs, latency, throughput and peak memory beside the baselines
     piip-models convert SRC --out DIR    an official checkpoint as a timm Hub folder (model.safetensors + config.json)
+    piip-models run SCRIPT [ARGS ...]    a timm script (train.py, validate.py, ...) with the piip_* models registered
 
 Each subcommand comes from a registrar in :data:`COMMANDS`: ``registrar(subparsers)`` adds its parser and sets the
 parser's ``func`` default to a handler ``func(args) -> int``.
@@ -44,6 +45,7 @@ from .convert import add_convert_command
 from .counting import CONVENTIONS, build_model, count_model, create
 from .piip import PIIP
 from .published import baseline_of, published_row
+from .run import add_run_command
 
 __all__ = ["COMMANDS", "DEFAULT_BENCH_MODELS", "DEFAULT_BENCH_SCALE", "build_parser", "main"]
 
@@ -250,7 +252,7 @@ CommandRegistrar = Callable[[Any], None]
 
 # Each adds one subcommand.
 COMMANDS: tuple[CommandRegistrar, ...] = (
-    add_list_command, add_info_command, add_flops_command, add_bench_command, add_convert_command
+    add_list_command, add_info_command, add_flops_command, add_bench_command, add_convert_command, add_run_command
 )
 
 
@@ -284,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "run":  # a script's errors are its own: tracebacks pass through
+        return args.func(args)
     prefix = f"piip-models {args.command}: error:"
     try:
         return args.func(args)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 __all__ = [
@@ -293,21 +293,26 @@ def check_piip_args(
     fpn_norm: Any,
     merge_stages: Any,
     drop_rate: Any,
+    drop_path_rate: Any = None,
 ) -> tuple[tuple[BranchCfg, ...], tuple[int, ...]]:
     """Checks the keyword arguments of a :class:`piip_models.PIIP` that need no built branch (see the class for
     their meaning); the branch structure (depths, widths, patch sizes) is checked against these afterwards.
 
     Args:
         head_pools: The ``global_pool`` values each head type takes.
+        drop_path_rate: timm's factory argument: when given, every branch gets a linear schedule up to it.
 
     Returns:
-        The branches and merge stages as tuples.
+        The branches (with ``drop_path_rate`` applied) and merge stages as tuples.
 
     Raises:
         TypeError: A value of the wrong type.
         ValueError: A value out of range, or options that do not work together.
     """
     branches = check_branches(branches)
+    if drop_path_rate is not None:
+        _check_number("drop_path_rate", drop_path_rate, 0, 1)
+        branches = tuple(replace(b, drop_path_rate=drop_path_rate, drop_path_mode="linear") for b in branches)
     if not isinstance(interaction, InteractionCfg):
         raise TypeError(f"interaction must be an InteractionCfg, got {interaction!r}")
     num_stages = stage_count(branches)

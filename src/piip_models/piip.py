@@ -89,6 +89,7 @@ class PIIP(nn.Module):
         fpn_norm: Literal["group", "layer"] = "group",
         merge_stages: Sequence[int] = (),
         drop_rate: float = 0.0,
+        drop_path_rate: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -122,6 +123,8 @@ class PIIP(nn.Module):
                 every merge is the lighter (Conv3x3-)GroupNorm-ReLU. Needed by branches whose width changes between
                 stages (ConvNeXt).
             drop_rate: Dropout before the classifier.
+            drop_path_rate: timm's stochastic depth: each branch's blocks from 0 linearly up to this rate, replacing
+                the branch configs' rates (None keeps them); the interactions keep ``interaction.drop_path_rate``.
             device: Parameter device.
             dtype: Parameter dtype.
         """
@@ -132,7 +135,7 @@ class PIIP(nn.Module):
             head_type=head_type, head_pools={name: head.pools for name, head in _HEADS.items()},
             class_token=class_token, img_size=img_size, branch_sizes=branch_sizes, window_padding=window_padding,
             with_fpn=with_fpn, fpn_levels=fpn_levels, fpn_norm=fpn_norm, merge_stages=merge_stages,
-            drop_rate=drop_rate,
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate,
         )
 
         self.num_classes = num_classes

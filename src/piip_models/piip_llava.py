@@ -23,7 +23,7 @@ Paper: Parameter-Inverted Image Pyramid Networks for Visual Perception and Multi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -53,8 +53,11 @@ class PIIPLlava(PIIP):
         llm_dim: int = 4096,
         num_classes: int = 0,
         in_chans: int = 3,
+        global_pool: Literal["", "avg"] = "",
         img_size: int | tuple[int, int] | None = None,
         branch_sizes: Sequence[int] | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -65,23 +68,30 @@ class PIIPLlava(PIIP):
             llm_dim: Width of the visual tokens (the language model's hidden size).
             num_classes: Must be 0 (the projector replaces a classifier).
             in_chans: Input channels.
+            global_pool: ``''``: :meth:`forward` returns the ``(B, N, llm_dim)`` visual tokens; ``'avg'``: their mean
+                over the N tokens, ``(B, llm_dim)``.
             img_size: Input size; scales the branch sizes proportionally when ``branch_sizes`` is not given.
             branch_sizes: Explicit branch resolutions, smallest first.
+            drop_rate: Dropout on the tower maps before the projector (:meth:`forward_head`).
+            drop_path_rate: Linear stochastic depth of every branch up to this rate (see :class:`PIIP`).
             device: Parameter device.
             dtype: Parameter dtype.
         """
         check_int("llm_dim", llm_dim, 1)
         super().__init__(
-            branches, interaction or InteractionCfg(), num_classes=num_classes, in_chans=in_chans, global_pool="",
-            head_type="none", class_token=True, img_size=img_size, branch_sizes=branch_sizes, device=device,
-            dtype=dtype,
+            branches, interaction or InteractionCfg(), num_classes=num_classes, in_chans=in_chans,
+            global_pool=global_pool, head_type="none", class_token=True, img_size=img_size, branch_sizes=branch_sizes,
+            drop_rate=drop_rate, drop_path_rate=drop_path_rate, device=device, dtype=dtype,
         )
         self.llm_dim = llm_dim
         self.projector = BranchMLPProjector(self.embed_dims, llm_dim, device=device, dtype=dtype)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tower maps to ``(B, H * W, llm_dim)`` visual tokens (``pre_logits``: the unprojected tokens)."""
-        return x.flatten(2).transpose(1, 2) if pre_logits else self.projector(x)
+        """Tower maps to ``(B, H * W, llm_dim)`` visual tokens (``pre_logits``: the unprojected tokens), averaged
+        over the tokens with ``global_pool='avg'``."""
+        x = self.head.drop(x)
+        tokens = x.flatten(2).transpose(1, 2) if pre_logits else self.projector(x)
+        return tokens.mean(1) if self.global_pool == "avg" else tokens
 
     def forward_multimodal(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``(B, C, H, W)`` to ``(B, N, llm_dim)`` visual tokens, N = the last branch's final grid size."""

@@ -91,7 +91,9 @@ class FeatureHead(nn.Module):
         x = self.drop(self.pool(x))
         if not pre_logits:
             x = self.classify(x)
-        return x if self.global_pool else x.permute(0, 3, 1, 2)
+        # An unpooled map leaves as a tensor of its own, not a view: a view output loses the hooks registered on it
+        # (FSDP2's pre-backward all-gather, which warns of views) when the caller changes it in place.
+        return x if self.global_pool else x.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
 
 
 class LinearHead(FeatureHead):
@@ -181,7 +183,8 @@ class BranchHeads(FeatureHead):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """``'first_patch'`` reads the first token of every branch's slice; otherwise as :class:`FeatureHead`."""
-        return x[:, 0, 0] if self.global_pool == "first_patch" else super().pool(x)
+        # a copy, not a view of the map: without a classifier the readout is the output (see FeatureHead.forward)
+        return x[:, 0, 0].clone() if self.global_pool == "first_patch" else super().pool(x)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """The mean of every branch classifier's logits over its slice of the channels."""

@@ -82,5 +82,6 @@ def merge_maps(
             ).to(feature_map.dtype)
         resized.append(feature_map)
     if weights is None:
-        return resized[0] if len(resized) == 1 else torch.cat(resized, dim=1)
+        # cat copies even a single map: the fused map is a tensor of its own, not a view of a branch's tokens
+        return torch.cat(resized, dim=1)
     return sum(w * m for w, m in zip(weights.unbind(0), resized))

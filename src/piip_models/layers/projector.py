@@ -55,4 +55,5 @@ class BranchMLPProjector(nn.Module):
         if x.dim() != 4 or x.shape[1] != sum(self.in_dims):
             raise ValueError(f"expected (B, {sum(self.in_dims)}, H, W) concatenated branch maps, got {tuple(x.shape)}")
         out = sum(mlp(part) for mlp, part in zip(self.branches, x.split(self.in_dims, dim=1)))
-        return out.flatten(2).transpose(1, 2)
+        # tokens of their own, not a view of the map (a view output loses hooks, e.g. FSDP2's, when changed in place)
+        return out.flatten(2).transpose(1, 2).clone(memory_format=torch.contiguous_format)

@@ -27,7 +27,9 @@ def _partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, int, int]:
     """(B, H, W, C) -> zero-padded (B * nH * nW, window * window, C) windows, and the padded grid."""
     batch, height, width, channels = x.shape
     pad_h, pad_w = (-height) % window, (-width) % window
-    if pad_h or pad_w:
+    # Graphs with symbolic sizes (torch.compile, torch.export) always pad, possibly by nothing: a branch on the
+    # padding would pin the grid to the example's divisibility by the window.
+    if torch.compiler.is_compiling() or pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     padded_h, padded_w = height + pad_h, width + pad_w
     rows, cols = padded_h // window, padded_w // window
@@ -41,6 +43,10 @@ def _unpartition(windows: torch.Tensor, window: int, batch: int, padded: tuple[i
     channels = windows.shape[-1]
     x = windows.view(batch, padded_h // window, padded_w // window, window, window, channels)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, padded_h, padded_w, channels)
+    if torch.compiler.is_compiling():
+        # cropped by gathers: the layout of a sliced crop depends on the padding, which would pin the grid
+        rows, cols = (torch.arange(size, device=x.device) for size in grid)
+        return x.index_select(1, rows).index_select(2, cols)
     return x[:, : grid[0], : grid[1]]
 
 
