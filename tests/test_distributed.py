@@ -162,12 +162,19 @@ def test_fsdp2_step_matches_a_single_process_step():
 
 @pytest.mark.parametrize("build", [classifier, dense_features], ids=["classifier", "dense_features"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_every_gradient_comes_in_its_parameters_layout(build, batch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_gradient_comes_in_its_parameters_layout(build, batch, threads):
     """What DDP checks (every stride, size-1 dimensions included), without DDP: class tokens at batch 1, depthwise
-    kernels of the interactions' ConvFFNs and of ConvNeXt branches."""
+    kernels of the interactions' ConvFFNs and of ConvNeXt branches, pointwise kernels (ConvNeXt's conv MLPs), whose
+    gradient layout on the CPU depends on the thread count."""
     model = build().train()
-    out = model(torch.randn(batch, 3, 80, 96))
-    _loss(out, [torch.ones_like(o) for o in _as_list(out)]).backward()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = model(torch.randn(batch, 3, 80, 96))
+        _loss(out, [torch.ones_like(o) for o in _as_list(out)]).backward()
+    finally:
+        torch.set_num_threads(saved)
     mismatched = [(n, p.stride(), p.grad.stride()) for n, p in model.named_parameters()
                   if p.grad.stride() != p.stride()]
     assert mismatched == []

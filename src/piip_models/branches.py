@@ -31,7 +31,7 @@ from timm.models.convnext import ConvNeXt
 from timm.models.vision_transformer import VisionTransformer
 
 from .config import BranchCfg
-from .layers.permute import depthwise_kernels_channels_last
+from .layers.permute import kernels_channels_last
 from .layers.window_attention import WindowPadding, block_forward
 from .weights import branch_checkpoint_filter_fn, convnext_branch_checkpoint_filter_fn
 
@@ -287,7 +287,7 @@ class ConvNeXtAdapter(BranchAdapter):
         # The pooled head (final norm, MLP) is never used by a pyramid branch; dropping it keeps every parameter in
         # the graph (DDP without find_unused_parameters).
         model.head = nn.Identity()
-        depthwise_kernels_channels_last(model)  # its units run on the tokens' channels-last layout
+        kernels_channels_last(model)  # its units run on the tokens' channels-last layout
         return model, ConvNeXtAdapter(model)
 
     def embed(self, model: ConvNeXt, image: torch.Tensor) -> tuple[torch.Tensor, None, Grid]:

@@ -10,7 +10,7 @@ import torch.nn as nn
 from timm.layers import DropPath, trunc_normal_
 
 from .msdeform_attn import MSDeformAttn
-from .permute import depthwise_kernels_channels_last
+from .permute import kernels_channels_last
 
 __all__ = [
     "BidirectionalInteractionUnit",
@@ -50,7 +50,7 @@ class ConvFFN(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.fc1 = nn.Linear(dim, hidden_dim, **dd)
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim, **dd)
-        depthwise_kernels_channels_last(self.dwconv)  # it runs on the tokens' channels-last layout
+        kernels_channels_last(self.dwconv)  # it runs on the tokens' channels-last layout
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim, **dd)
 

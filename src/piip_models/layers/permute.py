@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["ChannelsLast", "depthwise_kernels_channels_last"]
+__all__ = ["ChannelsLast", "kernels_channels_last"]
 
 
 class ChannelsLast(nn.Module):
@@ -19,15 +19,25 @@ class ChannelsLast(nn.Module):
         return x.permute(*self.dims)
 
 
-def depthwise_kernels_channels_last(model: nn.Module) -> None:
-    """Stores every depthwise kernel ``(C, 1, k, k)`` of ``model`` channels-last, the layout its gradient comes in.
+def kernels_channels_last(model: nn.Module) -> None:
+    """Stores every depthwise ``(C, 1, k, k)`` and pointwise ``(O, I, 1, 1)`` kernel of ``model`` channels-last, the
+    layout their gradients come in.
 
     PIIP's maps are tokens viewed channels-last, so its convolutions (the interactions' and the ConvNeXt branches')
-    run channels-last and return kernel gradients in that layout. A depthwise kernel's two layouts differ only in the
-    stride of its size-1 dimension, which autograd's layout contract ignores, so the gradient is kept as it comes;
-    DDP compares every stride and warned "Grad strides do not match bucket view strides". The bytes are the same in
-    both layouts (state dicts and safetensors files do not change).
+    run channels-last, and the CPU and CUDA backends may return kernel gradients channels-last. For these kernels
+    the two layouts differ only in the strides of size-1 dimensions, which autograd's layout contract ignores, so the
+    gradient is kept as it comes, and which layout comes depends on the backend (a pointwise kernel's gradient on
+    the CPU is channels-last with two threads and contiguous with one, unless the kernel itself is channels-last).
+    DDP compares every stride and warned "Grad strides do not match bucket view strides". The strides are set
+    explicitly because ``.to(memory_format=...)`` keeps a tensor it already considers channels-last; the bytes are
+    the same in both layouts (state dicts and safetensors files do not change).
     """
     for module in model.modules():
-        if isinstance(module, nn.Conv2d) and module.weight.shape[1] == 1:
-            module.weight.data = module.weight.data.to(memory_format=torch.channels_last)
+        if not isinstance(module, nn.Conv2d):
+            continue
+        weight = module.weight.data
+        out_channels, in_channels, height, width = weight.shape
+        if in_channels == 1 or (height, width) == (1, 1):
+            strides = (in_channels * height * width, 1, width * in_channels, in_channels)
+            module.weight.data = torch.empty_strided(weight.shape, strides, dtype=weight.dtype,
+                                                     device=weight.device).copy_(weight)
