@@ -12,6 +12,7 @@ from piip_models.layers.window_attention import block_forward, windowed_attentio
 from piip_models.weights import checkpoint_filter_fn
 
 from .conftest import capture_intermediates, compare_intermediates, cpu_sized, load_official_fixture
+from .test_grad_ckpt import tiny_dense_model
 
 # The fixtures README: det_3branch_small ran the official non-flash DeiT window attention (pad after qkv); the
 # AugReg fixture ran the InternViT one (pad before qkv, as the flash path of the released configs).
@@ -213,3 +214,18 @@ def test_set_windows_switches_windowed_attention_and_validates():
     assert (global_attention - windowed).abs().max() > 1e-4
     with pytest.raises(ValueError, match="entries per branch"):
         model.set_windows(((0,),))
+
+
+def test_forward_intermediates_merges_a_simple_pyramid_once():
+    """The features returned beside a simple pyramid's levels are the fused map the levels were read from."""
+    model = PIIP(branches=tiny_dense_model().branch_cfgs, head_type="dense", class_token=False, num_classes=0,
+                 with_fpn=True).eval()
+    calls = []
+    for merge in model.merges:
+        merge.register_forward_hook(lambda module, args, out: calls.append(module))
+    x = torch.randn(1, 3, 80, 80)
+    with torch.no_grad():
+        features, levels = model.forward_intermediates(x)
+        assert len(calls) == len(model.merges)
+        torch.testing.assert_close(features, model.forward_features(x), rtol=0, atol=0)
+        torch.testing.assert_close(levels, model.forward_pyramid(features), rtol=0, atol=0)

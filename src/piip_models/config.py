@@ -294,7 +294,7 @@ def check_piip_args(
     merge_stages: Any,
     drop_rate: Any,
     drop_path_rate: Any = None,
-) -> tuple[tuple[BranchCfg, ...], tuple[int, ...]]:
+) -> tuple[tuple[BranchCfg, ...], tuple[int, ...], tuple[int, ...]]:
     """Checks the keyword arguments of a :class:`piip_models.PIIP` that need no built branch (see the class for
     their meaning); the branch structure (depths, widths, patch sizes) is checked against these afterwards.
 
@@ -303,7 +303,8 @@ def check_piip_args(
         drop_path_rate: timm's factory argument: when given, every branch gets a linear schedule up to it.
 
     Returns:
-        The branches (with ``drop_path_rate`` applied) and merge stages as tuples.
+        The branches (with ``drop_path_rate`` applied), the merge stages and the branch sizes
+        (:func:`resolve_branch_sizes`), as tuples.
 
     Raises:
         TypeError: A value of the wrong type.
@@ -327,7 +328,7 @@ def check_piip_args(
     _check_choice("fpn_norm", fpn_norm, ("group", "layer"))
     if img_size is not None:
         _image_size(img_size)
-    resolve_branch_sizes(branches, img_size, branch_sizes)
+    sizes = resolve_branch_sizes(branches, img_size, branch_sizes)
     merge_stages = _int_tuple("merge_stages", merge_stages, 0)
     if with_fpn and head_type != "dense":
         raise ValueError(f"with_fpn needs head_type='dense', got {head_type!r}")
@@ -349,4 +350,4 @@ def check_piip_args(
         raise ValueError(f"head_type='none' has no classifier; build it with num_classes=0, not {num_classes}")
     if class_token and any(b.window_size for b in branches):
         raise ValueError("windowed attention works on the patch grid alone; build the model with class_token=False")
-    return branches, merge_stages
+    return branches, merge_stages, sizes

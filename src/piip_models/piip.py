@@ -40,7 +40,6 @@ from .config import (
     check_feature_indices,
     check_piip_args,
     check_segments,
-    resolve_branch_sizes,
 )
 from .hub import load_checkpoint
 from .layers.heads import BranchHeads, FeatureHead, LinearHead
@@ -130,7 +129,7 @@ class PIIP(nn.Module):
         """
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        branches, merge_stages = check_piip_args(
+        branches, merge_stages, self.branch_sizes = check_piip_args(
             branches, interaction, num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
             head_type=head_type, head_pools={name: head.pools for name, head in _HEADS.items()},
             class_token=class_token, img_size=img_size, branch_sizes=branch_sizes, window_padding=window_padding,
@@ -141,7 +140,6 @@ class PIIP(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.head_type = head_type
-        self.branch_sizes = resolve_branch_sizes(branches, img_size, branch_sizes)
         self.window_padding = window_padding
         self.grad_checkpointing = False
 
@@ -416,7 +414,9 @@ class PIIP(nn.Module):
         intermediates = [maps[tap.stage] if tap.level is None else self.fpn[tap.level](maps[tap.stage]) for tap in taps]
         if intermediates_only:
             return intermediates
-        return self.fuse(tokens, geoms), intermediates
+        # a simple pyramid's taps all read the final fused map, which is the features (dense branches have no norm)
+        simple_pyramid = self.fpn is not None and not self.pyramid_stages
+        return (maps[len(self.interactions) - 1] if simple_pyramid else self.fuse(tokens, geoms)), intermediates
 
     def prune_intermediate_layers(
         self,
