@@ -47,6 +47,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def open_gates(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Draws the interaction gates (``ca_gamma``, ``cffn_gamma``) from N(0, std): zero-initialised, they would leave
+    the deformable attention without effect and without gradients. Returns ``model``."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_gamma"):
+                param.normal_(std=std)
+    return model
+
+
 def capture_intermediates(model):
     """Hooks recording what the fixtures record: branch images and logits, tokens, cls tokens, merges, deform inputs."""
     records: dict[str, torch.Tensor] = {}

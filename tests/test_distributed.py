@@ -16,6 +16,7 @@ import torch.nn as nn
 from piip_models import PIIP, InteractionCfg
 from piip_models.features import PIIPFeatures
 
+from .conftest import open_gates
 from .test_convnext import tiny_convnext, tiny_vit
 from .test_models import tiny_branches
 
@@ -26,20 +27,11 @@ BATCH = (WORLD, 3, 80, 96)
 WATCHED = ("Grad strides do not match bucket view strides", "returned a view tensor")
 
 
-def _open_gates(model: nn.Module) -> nn.Module:
-    """Zero-initialised interaction gates would leave the deformable attention without gradients."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("_gamma"):
-                param.normal_(std=0.1)
-    return model
-
-
 def classifier() -> nn.Module:
     torch.manual_seed(0)
     model = PIIP(branches=tiny_branches(), num_classes=7, global_pool="first_patch",
                  interaction=InteractionCfg(num_heads=16, drop_path_rate=0.0))
-    return _open_gates(model)
+    return open_gates(model)
 
 
 def feature_map_model() -> nn.Module:
@@ -57,7 +49,7 @@ def dense_features() -> nn.Module:
         num_classes=0, merge_stages=(0, 1), with_fpn=True, fpn_levels=(1, 2, 3),
         interaction=InteractionCfg(num_heads=8, drop_path_rate=0.0),
     )
-    return PIIPFeatures(_open_gates(model), out_indices=(0, 1, 2))
+    return PIIPFeatures(open_gates(model), out_indices=(0, 1, 2))
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {

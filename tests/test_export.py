@@ -14,6 +14,7 @@ from torch.export import Dim
 from piip_models import PIIP
 from piip_models.features import PIIPFeatures
 
+from .conftest import open_gates
 from .test_grad_ckpt import tiny_dense_model
 from .test_models import tiny_branches
 
@@ -32,17 +33,9 @@ COMPILE_SHAPES = {
 }
 
 
-def _open_gates(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("_gamma"):
-                param.normal_(std=0.1)
-    return model.eval()
-
-
 def classifier() -> nn.Module:
     torch.manual_seed(0)
-    return _open_gates(PIIP(branches=tiny_branches(), num_classes=7, global_pool="first_patch"))
+    return open_gates(PIIP(branches=tiny_branches(), num_classes=7, global_pool="first_patch")).eval()
 
 
 def dense_features() -> nn.Module:
@@ -50,7 +43,7 @@ def dense_features() -> nn.Module:
     torch.manual_seed(0)
     branches = tiny_dense_model().branch_cfgs
     model = PIIP(branches=branches, head_type="dense", class_token=False, num_classes=0, with_fpn=True)
-    return PIIPFeatures(_open_gates(model), out_indices=(0, 1, 2, 3)).eval()
+    return PIIPFeatures(open_gates(model), out_indices=(0, 1, 2, 3)).eval()
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"classifier": classifier, "dense_features": dense_features}

@@ -7,6 +7,8 @@ import torch.utils.checkpoint
 
 from piip_models import PIIP, BranchCfg, even_segments
 
+from .conftest import open_gates
+
 
 def tiny_dense_model() -> PIIP:
     branches = tuple(
@@ -20,13 +22,7 @@ def tiny_dense_model() -> PIIP:
         )
         for dim, size in zip((96, 64, 32), (32, 48, 80))
     )
-    model = PIIP(branches=branches, head_type="dense", class_token=False, num_classes=0)
-    with torch.no_grad():
-        # The interaction gates start at zero, which would leave the deformable attention without gradients.
-        for name, param in model.named_parameters():
-            if name.endswith("_gamma"):
-                param.normal_(std=0.1)
-    return model.train()
+    return open_gates(PIIP(branches=branches, head_type="dense", class_token=False, num_classes=0)).train()
 
 
 def loss_and_grads(model: PIIP, x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:

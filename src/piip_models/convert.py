@@ -119,15 +119,17 @@ def _classifier_kind(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def _identify(path: str | os.PathLike, checkpoint: Mapping[str, Any]) -> tuple[str, str]:
-    """The registered model (with tag) a checkpoint belongs to, and how it was told."""
+def _identify(
+    path: str | os.PathLike, checkpoint: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
+) -> tuple[str, str]:
+    """The registered model (with tag) a checkpoint (``state_dict``: its tensors converted) belongs to, and how it was
+    told."""
     by_file = _registered_checkpoints().get(Path(path).stem)
     if by_file:
         return by_file, "its released file name"
     arch = checkpoint.get("arch")
     if isinstance(arch, str) and split_model_name_tag(arch)[0] in timm.list_models("piip_*"):
         return arch, "the checkpoint's 'arch' entry, the --model of timm's train.py"
-    state_dict = _converted(checkpoint)
     # only models with as many branches and the same kind of classifier (or projector) are built (on meta) and tried
     num_branches = len({k.split(".")[1] for k in state_dict if k.startswith("branches.")})
     kind = _classifier_kind(state_dict)
@@ -154,14 +156,12 @@ def infer_model_name(path: str | os.PathLike, checkpoint: Mapping[str, Any]) -> 
         ValueError: No registered model fits, or several do (e.g. detection variants that differ only in
             resolution); pass the model name explicitly then.
     """
-    return _identify(path, checkpoint)[0]
+    return _identify(path, checkpoint, _converted(checkpoint))[0]
 
 
-def _check_loadable(config_path: Path, tensors: Mapping[str, torch.Tensor], out_dir: Path) -> None:
-    """Raises unless the model ``local-dir:`` builds from ``config_path`` takes exactly ``tensors``."""
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "config.json").write_bytes(config_path.read_bytes())
-        model = timm.create_model(f"local-dir:{folder}", device="meta")
+def _check_loadable(folder: Path, tensors: Mapping[str, torch.Tensor], out_dir: Path) -> None:
+    """Raises unless the model built by ``local-dir:`` from ``folder``'s config.json takes exactly ``tensors``."""
+    model = timm.create_model(f"local-dir:{folder}", device="meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     actual = {k: tuple(v.shape) for k, v in tensors.items()}
     differ = sorted(k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k))
@@ -223,8 +223,8 @@ def convert_checkpoint(
     if model_name is not None:
         check_model_name(model_name)
     checkpoint = read_checkpoint(src)
-    model_name, how = (model_name, "as given") if model_name else _identify(src, checkpoint)
     state_dict = _converted(checkpoint)
+    model_name, how = (model_name, "as given") if model_name else _identify(src, checkpoint, state_dict)
     model = _meta_model(model_name, state_dict, _training_kwargs(checkpoint))
     state_dict = checkpoint_filter_fn(state_dict, model)
     dtypes = {k: v.dtype for k, v in model.state_dict().items()}
@@ -239,7 +239,7 @@ def convert_checkpoint(
     with tempfile.TemporaryDirectory() as folder:
         config = Path(folder) / "config.json"
         save_config_for_hf(model, config)
-        _check_loadable(config, tensors, out_dir)
+        _check_loadable(Path(folder), tensors, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         safetensors.torch.save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
         (out_dir / "config.json").write_bytes(config.read_bytes())

@@ -521,7 +521,7 @@ class Count:
 
 @functools.lru_cache(maxsize=16)
 def _meta_model(model_name: str, convention: str) -> nn.Module:
-    # Meta models hold no data; counting restores whatever it changes, so one build serves every input size.
+    # Meta models hold no data, and counting works on a private copy, so one build serves every input size.
     return paper_twin(model_name) if convention == "paper" else build_model(model_name)
 
 

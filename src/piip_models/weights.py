@@ -337,6 +337,11 @@ def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(tensor.shape)
 
 
+def _model_name(model: nn.Module) -> str:
+    """The name errors give a model: its timm architecture, else its class."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+
+
 def _listing(title: str, lines: list[str]) -> str:
     shown = "".join(f"\n    {line}" for line in lines[:_MAX_LISTED_KEYS])
     more = f"\n    ... and {len(lines) - _MAX_LISTED_KEYS} more" if len(lines) > _MAX_LISTED_KEYS else ""
@@ -438,8 +443,7 @@ def check_state_dict(
         _logger.info("classifier tensors for another class count not loaded: %s", sorted(other_classes))
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
         targets = {k: v for k, v in targets.items() if not k.startswith(heads)}
-    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-    return check_tensors(state_dict, targets, name, strict)
+    return check_tensors(state_dict, targets, _model_name(model), strict)
 
 
 def adapt_state_dict(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -480,7 +484,7 @@ def staged_pretrained(model: nn.Module, **kwargs: Any) -> dict[str, torch.Tensor
     so several models can be loaded all or nothing.
     """
     staged: dict[str, torch.Tensor] = {}
-    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    name = _model_name(model)
 
     def check_instead_of_copying(state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
         staged.update(check_tensors(state_dict, model.state_dict(), name, strict))

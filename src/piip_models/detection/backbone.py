@@ -78,8 +78,8 @@ class PIIPBackboneWithFPN(nn.Module):
         return self.body.pretrained_cfg
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute the PIIP model's activations in the backward pass (timm's feature wrapper does not pass the
-        call on)."""
+        """Recompute the PIIP model's activations in the backward pass (through ``body.model`` when the body is a
+        plain timm feature wrapper, which does not pass the call on)."""
         getattr(self.body, "model", self.body).set_grad_checkpointing(enable)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:

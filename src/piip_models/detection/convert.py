@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import PIIP
 from ..hub import read_checkpoint
-from ..weights import CheckpointMismatchError, adapt_state_dict, dtype_mismatches
+from ..weights import CheckpointMismatchError, _listing, adapt_state_dict, dtype_mismatches
 from .coco import COCO_CATEGORY_IDS, COCO_CLASSES
 
 __all__ = ["ConversionReport", "convert_mmdet_checkpoint", "load_mmdet_checkpoint"]
@@ -56,7 +56,6 @@ _MASK_HEAD = "roi_head.mask_head."
 # Bias of class slots no mmdet class maps to: exp(-1e4) is 0 in float32, so the softmax over the others is mmdet's.
 _UNUSED_CLASS_BIAS = -1e4
 _WRAPPERS = ("state_dict", "module", "model")
-_MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -131,12 +130,6 @@ def _piip_prefix(model: nn.Module) -> tuple[str, PIIP]:
         if isinstance(module, PIIP):
             return f"{name}.", module
     raise TypeError(f"{type(model).__name__} has no PIIP backbone (build it around PIIPBackboneWithFPN)")
-
-
-def _listing(title: str, lines: list[str]) -> str:
-    shown = "".join(f"\n    {line}" for line in lines[:_MAX_LISTED])
-    more = f"\n    ... and {len(lines) - _MAX_LISTED} more" if len(lines) > _MAX_LISTED else ""
-    return f"\n  {title} ({len(lines)}):{shown}{more}" if lines else ""
 
 
 def convert_mmdet_checkpoint(

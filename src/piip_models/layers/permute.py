@@ -1,4 +1,4 @@
-"""Memory layouts: a permutation usable inside ``nn.Sequential``, channels-last depthwise kernels."""
+"""Memory layouts: a permutation usable inside ``nn.Sequential``, channels-last depthwise and pointwise kernels."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def kernels_channels_last(model: nn.Module) -> None:
         if not isinstance(module, nn.Conv2d):
             continue
         weight = module.weight.data
-        out_channels, in_channels, height, width = weight.shape
+        _, in_channels, height, width = weight.shape
         if in_channels == 1 or (height, width) == (1, 1):
             strides = (in_channels * height * width, 1, width * in_channels, in_channels)
             module.weight.data = torch.empty_strided(weight.shape, strides, dtype=weight.dtype,
